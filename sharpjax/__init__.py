@@ -1,0 +1,23 @@
+"""sharpjax: sharpness-aware training in JAX.
+
+The SAM family as chainable optax transformations, SAF and MESA with their
+logit bank / EMA teacher in the optimizer state, and the tools around them.
+"""
+
+__version__ = "0.1.0"
+
+# The SAM family: perturb-then-descend transformations.
+from sharpjax._src.sam import asam
+from sharpjax._src.sam import sam
+from sharpjax._src.sam import sharpness_aware
+from sharpjax._src.sam import SharpnessAwareState
+
+# Shared building blocks, for writing new variants.
+from sharpjax._src.ascent import asam_perturbation
+from sharpjax._src.ascent import default_adaptive_mask
+from sharpjax._src.ascent import sam_perturbation
+from sharpjax._src.perturbed import Diagnostics
+from sharpjax._src.perturbed import perturbed_pass
+
+# Reading the state.
+from sharpjax._src.diagnostics import diagnostics

@@ -1,0 +1,127 @@
+"""Small pieces shared by every sharpjax transformation.
+
+Validation of hyper-parameters, schedule evaluation and float32 tree reductions
+live here so that each method module only holds the idea that makes it
+different.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+
+# ---------------------------------------------------------------------------
+# Hyper-parameter validation (construction time).
+# ---------------------------------------------------------------------------
+
+
+def _concrete_float(value: Any) -> float | None:
+  """Returns ``value`` as a Python float, or None when it cannot be known now.
+
+  Schedules and traced values (``optax.inject_hyperparams`` builds the
+  transformation again inside ``update`` with traced hyper-parameters) are not
+  checked: there is nothing concrete to check.
+  """
+  if callable(value):
+    return None
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"expected a number or an optax schedule, got {type(value).__name__}"
+    ) from None
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+  """Raises ``ValueError`` naming ``name`` if ``value`` is outside the range."""
+  try:
+    v = _concrete_float(value)
+  except TypeError as e:
+    raise TypeError(f"{name}: {e}") from None
+  if v is None:
+    return
+  ok = not math.isnan(v)
+  if ok and low is not None:
+    ok = v >= low if low_inclusive else v > low
+  if ok and high is not None:
+    ok = v <= high if high_inclusive else v < high
+  if not ok:
+    lo = "-inf" if low is None else repr(low)
+    hi = "inf" if high is None else repr(high)
+    lb = "[" if low_inclusive and low is not None else "("
+    hb = "]" if high_inclusive and high is not None else ")"
+    raise ValueError(f"{name} must be in {lb}{lo}, {hi}{hb}, got {v!r}.")
+
+
+def check_int(name: str, value: Any, *, low: int) -> int:
+  """Returns ``value`` as an int, raising ``ValueError`` if it is not >= low."""
+  if isinstance(value, bool) or not isinstance(value, (int, jnp.integer)):
+    if not (isinstance(value, float) and value.is_integer()):
+      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+  value = int(value)
+  if value < low:
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+  return value
+
+
+def resolve(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  """Evaluates a hyper-parameter that may be a schedule at step ``count``."""
+  if callable(value):
+    value = value(count)
+  return jnp.asarray(value, jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Float32 tree reductions.
+# ---------------------------------------------------------------------------
+
+
+def tree_vdot_f32(a: Any, b: Any) -> jax.Array:
+  """Inner product of two pytrees, accumulated in float32."""
+  parts = jax.tree.map(
+      lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b
+  )
+  return sum(jax.tree.leaves(parts), jnp.zeros((), jnp.float32))
+
+
+def tree_norm_f32(a: Any) -> jax.Array:
+  """Global L2 norm of a pytree, accumulated in float32."""
+  return jnp.sqrt(tree_vdot_f32(a, a))
+
+
+def safe_inverse(norm: jax.Array) -> jax.Array:
+  """1 / norm, and 0 where norm is 0 (a zero gradient gives a zero step)."""
+  positive = norm > 0
+  return jnp.where(positive, 1.0 / jnp.where(positive, norm, 1.0), 0.0)
+
+
+def tree_cast_like(tree: Any, like: Any) -> Any:
+  """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda x, y: x.astype(jnp.asarray(y).dtype), tree, like)
+
+
+def find_states(tree: Any, state_types: tuple[type, ...]) -> list[Any]:
+  """Every node of ``tree`` (an optimizer state) that is one of ``state_types``.
+
+  Walks nested ``optax.chain`` tuples, ``inject_hyperparams`` and
+  ``MultiSteps`` states alike, since those are all pytrees.
+  """
+  is_match: Callable[[Any], bool] = lambda x: isinstance(x, state_types)
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_match) if is_match(x)]
