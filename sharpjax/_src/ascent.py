@@ -24,12 +24,13 @@ _NOT_ADAPTIVE_NAMES = ("bias", "beta")
 
 
 def _leaf_name(path: tuple) -> str | None:
-  """The last named key of a pytree path (dict key, attribute or field name)."""
-  for entry in reversed(path):
-    for attr in ("key", "name"):
-      name = getattr(entry, attr, None)
-      if isinstance(name, str):
-        return name
+  """The name of a leaf: its dict key, attribute or field name, if any."""
+  if not path:
+    return None
+  for attr in ("key", "name"):
+    name = getattr(path[-1], attr, None)
+    if isinstance(name, str):
+      return name
   return None
 
 

@@ -172,7 +172,7 @@ def asam(
     rho: base.ScalarOrSchedule = 0.5,
     eta: float = 0.01,
     *,
-    adaptive_mask: ascent.AdaptiveMask = ascent.default_adaptive_mask,
+    adaptive_mask: Optional[ascent.AdaptiveMask] = None,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: a scale-invariant neighbourhood.
@@ -196,7 +196,9 @@ def asam(
       default (the official CIFAR script passes 0.0).
     adaptive_mask: which leaves get :math:`T = |w| + \eta`: a pytree of bools
       shaped like the parameters, or ``(path, leaf) -> bool``. The default
-      rescales every leaf except those named ``bias``/``beta``/``b``.
+      (None) is :func:`default_adaptive_mask`: every leaf except those named
+      ``bias``/``beta``/``b``. (With ``optax.inject_hyperparams``, name a
+      callable mask in ``static_args``: callables are taken for schedules.)
     axis_name: see :func:`sharpness_aware`.
 
   Returns:
@@ -215,7 +217,10 @@ def asam(
   base.check_range("eta", eta, low=0.0)
 
   def perturbation_fn(grads, params, count):
-    mask = ascent.resolve_adaptive_mask(adaptive_mask, params)
+    mask = ascent.resolve_adaptive_mask(
+        ascent.default_adaptive_mask if adaptive_mask is None else adaptive_mask,
+        params,
+    )
     return ascent.asam_perturbation(
         grads, params, base.resolve(rho, count), jnp.asarray(eta, jnp.float32),
         mask,

@@ -1,0 +1,221 @@
+"""One battery of checks that every sharpjax transformation passes.
+
+Adding a transformation to the library means adding one line to CASES. The
+method-specific references (hand-derived formulas) live in each method's own
+test file; here we check the contract every transformation shares: extra
+arguments, jit, dtypes, wrappers (inject_hyperparams, MultiSteps), schedules,
+state structure, recompilation and data-parallel sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import sharpjax as sj
+
+from tests import helpers
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  factory: Callable[..., Any]
+  kwargs: dict[str, Any]
+  # The hyper-parameter that accepts a schedule and inject_hyperparams.
+  scheduled: str | None = None
+
+
+CASES = [
+    Case("sam", sj.sam, dict(rho=0.05), scheduled="rho"),
+    Case("asam", sj.asam, dict(rho=0.5, eta=0.01), scheduled="rho"),
+]
+
+NAMED_CASES = [dict(testcase_name=c.name, case=c) for c in CASES]
+SCHEDULED_CASES = [
+    dict(testcase_name=c.name, case=c) for c in CASES if c.scheduled
+]
+
+
+def _chain(case: Case, **overrides):
+  kwargs = {**case.kwargs, **overrides}
+  return optax.chain(case.factory(**kwargs), optax.sgd(0.1, momentum=0.9))
+
+
+def _run(tx, params, batch, num_steps: int, jit: bool = True):
+  state = tx.init(params)
+  step = helpers.train_step
+  if jit:
+    step = jax.jit(step, static_argnums=0)
+  for _ in range(num_steps):
+    params, state = step(tx, params, state, batch)
+  return params, state
+
+
+class CommonTest(chex.TestCase):
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_state_is_a_namedtuple_with_a_count(self, case):
+    state = case.factory(**case.kwargs).init(helpers.tiny_params())
+    self.assertTrue(hasattr(state, "_fields"), type(state))
+    self.assertIn("count", state._fields)
+    chex.assert_type(state.count, jnp.int32)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_jit_and_eager_agree(self, case):
+    tx = _chain(case)
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    expected, _ = _run(tx, params, batch, 2, jit=False)
+
+    @self.variant
+    def step(params, state):
+      return helpers.train_step(tx, params, state, batch)
+
+    state = tx.init(params)
+    for _ in range(2):
+      params, state = step(params, state)
+    chex.assert_trees_all_close(params, expected, atol=1e-6, rtol=1e-6)
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_ignores_unknown_extra_args(self, case):
+    tx = case.factory(**case.kwargs)
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    grads = helpers.clean_grads(params, batch)
+    kwargs = helpers.update_kwargs(params, batch)
+    updates, _ = tx.update(grads, tx.init(params), params, **kwargs,
+                           not_an_argument_of_anything=1.0)
+    chex.assert_tree_all_finite(updates)
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_reduces_the_loss(self, case):
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    before = float(jnp.mean(helpers.loss_fn(params, batch)))
+    params, _ = _run(_chain(case), params, batch, 30)
+    after = float(jnp.mean(helpers.loss_fn(params, batch)))
+    self.assertLess(after, 0.5 * before)
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_state_keeps_shapes_and_dtypes(self, case):
+    tx = _chain(case)
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    state0 = tx.init(params)
+    _, state1 = helpers.train_step(tx, params, state0, batch)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state0, state1)
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_preserves_parameter_dtype(self, case):
+    tx = case.factory(**case.kwargs)
+    params = helpers.tiny_params(jnp.bfloat16)
+    batch = helpers.tiny_batch()
+    grads = helpers.clean_grads(params, batch)
+    updates, state = jax.jit(
+        lambda g, s, p: tx.update(g, s, p, **helpers.update_kwargs(p, batch))
+    )(grads, tx.init(params), params)
+    chex.assert_trees_all_equal_dtypes(updates, params)
+    chex.assert_tree_all_finite(updates)
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_zero_gradient_is_finite(self, case):
+    tx = case.factory(**case.kwargs)
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, state = tx.update(zeros, tx.init(params), params,
+                               **helpers.update_kwargs(params, batch))
+    chex.assert_tree_all_finite((updates, state))
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_multisteps_wrapper(self, case):
+    tx = optax.MultiSteps(_chain(case), every_k_schedule=2)
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    new_params, state = _run(tx, params, batch, 1)
+    # The first of two accumulation steps leaves the parameters alone.
+    chex.assert_trees_all_close(new_params, params)
+    new_params, state = _run(tx, params, batch, 2)
+    self.assertGreater(
+        float(optax.tree.norm(optax.tree.sub(new_params, params))), 0.0
+    )
+    chex.assert_tree_all_finite(new_params)
+
+  @parameterized.named_parameters(*SCHEDULED_CASES)
+  def test_inject_hyperparams(self, case):
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    expected, _ = _run(_chain(case), params, batch, 2)
+    injected = optax.chain(
+        optax.inject_hyperparams(case.factory)(**case.kwargs),
+        optax.sgd(0.1, momentum=0.9),
+    )
+    got, state = _run(injected, params, batch, 2)
+    chex.assert_trees_all_close(got, expected, atol=1e-6)
+    # The injected value is live: setting it to 0 turns the perturbation off.
+    state = optax.tree.set(state, **{case.scheduled: jnp.asarray(0.0)})
+    grads = helpers.clean_grads(params, batch)
+    updates, state = injected.update(
+        grads, state, params, **helpers.update_kwargs(params, batch))
+    self.assertEqual(float(sj.diagnostics(state)["perturbation_norm"]), 0.0)
+
+  @parameterized.named_parameters(*SCHEDULED_CASES)
+  def test_accepts_a_schedule(self, case):
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    value = case.kwargs[case.scheduled]
+    expected, _ = _run(_chain(case), params, batch, 3)
+    schedule = optax.constant_schedule(value)
+    got, _ = _run(_chain(case, **{case.scheduled: schedule}), params, batch, 3)
+    chex.assert_trees_all_close(got, expected, atol=1e-6)
+    # A schedule that changes is evaluated at the transformation's own count.
+    ramp = lambda count: value * count.astype(jnp.float32)
+    tx = _chain(case, **{case.scheduled: ramp})
+    state = tx.init(params)
+    norms = []
+    for _ in range(3):
+      params, state = helpers.train_step(tx, params, state, batch)
+      norms.append(float(sj.diagnostics(state)["perturbation_norm"]))
+    self.assertEqual(norms[0], 0.0)
+    self.assertGreater(norms[2], norms[1])
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_no_recompilation_across_steps(self, case):
+    tx = _chain(case)
+    params, batch = helpers.tiny_params(), helpers.tiny_batch()
+    traces = []
+
+    @jax.jit
+    def step(params, state, batch):
+      traces.append(1)
+      return helpers.train_step(tx, params, state, batch)
+
+    state = tx.init(params)
+    for seed in range(5):
+      params, state = step(params, state, helpers.tiny_batch(seed=seed))
+    self.assertLen(traces, 1)
+
+  @parameterized.named_parameters(*NAMED_CASES)
+  def test_sharded_batch_matches_single_device(self, case):
+    devices = jax.devices()
+    self.assertGreaterEqual(len(devices), 8, "conftest asks for 8 devices")
+    mesh = jax.sharding.Mesh(np.array(devices[:8]), ("data",))
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    tx = _chain(case)
+    params, batch = helpers.tiny_params(), helpers.tiny_batch(size=32)
+    expected, expected_state = _run(tx, params, batch, 3)
+
+    sharded_batch = jax.device_put(batch, data)
+    state = jax.device_put(tx.init(params), replicated)
+    sharded_params = jax.device_put(params, replicated)
+    step = jax.jit(helpers.train_step, static_argnums=0)
+    for _ in range(3):
+      sharded_params, state = step(tx, sharded_params, state, sharded_batch)
+    chex.assert_trees_all_close(sharded_params, expected, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(state, expected_state, atol=1e-5, rtol=1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()
