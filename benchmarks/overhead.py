@@ -1,0 +1,312 @@
+"""Per-step cost of every sharpjax method as a ratio to plain SGD.
+
+All methods train the same small 1D CNN on one batch of MNIST-1D shape
+(40 x 1 inputs, batch 128), each step jit-compiled with donated buffers. After
+compilation and warm-up, every method is timed for ``--steps`` steps, ``--repeats``
+times, the methods interleaved within each repeat so that drift of the machine
+hits all of them alike; the figure kept is the minimum time per step, and the
+ratio is to SGD with the same number of classes from the same run.
+
+Writes ``benchmarks/results/overhead.json`` and ``overhead.md``, and prints the
+markdown table.
+
+    python benchmarks/overhead.py                 # every method
+    python benchmarks/overhead.py --methods sgd sam --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import sharpjax as sj
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+BATCH, LENGTH = 128, 40
+LR = 0.05
+
+
+class CNN1D(nn.Module):
+  """The MNIST-1D convolutional baseline (3 conv layers of 25 channels)."""
+
+  num_classes: int = 10
+  features: int = 25
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1, 1)
+    for kernel in (5, 3, 3):
+      x = nn.relu(nn.Conv(self.features, (kernel,), strides=2, padding=1)(x))
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the table.
+
+  Attributes:
+    name: the row label.
+    make_tx: builds the optax transformation.
+    kind: how a step calls it: "plain" (no extra arguments), "sharpjax" (every
+      extra argument a sharpjax transformation may use), "contrib_opaque" and
+      "contrib_transparent" (optax.contrib.sam's two modes).
+    num_classes: the classifier width; the ratio is to SGD of the same width.
+    num_examples: dataset size (SAF's bank rows; the ids of the batch are drawn
+      from it).
+  """
+
+  name: str
+  make_tx: Callable[[], Any]
+  kind: str = "sharpjax"
+  num_classes: int = 10
+  num_examples: int = 4000
+  note: str = ""
+
+
+def _sgd():
+  return optax.sgd(LR, momentum=0.9)
+
+
+def _contrib_sam():
+  return optax.contrib.sam(
+      _sgd(), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)),
+      sync_period=2, opaque_mode=True)
+
+
+def _contrib_sam_transparent():
+  return optax.contrib.sam(
+      _sgd(), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)),
+      sync_period=2, opaque_mode=False)
+
+
+# Every method of the library has a row here; a new variant adds one line.
+METHODS = [
+    Method("sgd", _sgd, kind="plain"),
+    Method("sam", lambda: optax.chain(sj.sam(rho=0.05), _sgd())),
+    Method("asam", lambda: optax.chain(sj.asam(rho=0.5, eta=0.01), _sgd())),
+    Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque"),
+    Method("optax.contrib.sam (transparent)", _contrib_sam_transparent,
+           kind="contrib_transparent", note="two update calls in one jit"),
+]
+
+
+def per_example_ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+
+
+def make_step(model: nn.Module, tx, kind: str):
+  """A jitted ``step(params, opt_state, batch) -> (params, opt_state)``."""
+  apply = lambda p, x: model.apply({"params": p}, x)
+
+  def loss_fn(params, batch):
+    return per_example_ce(apply(params, batch["x"]), batch["y"])
+
+  def mean_grad(params, batch):
+    return jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+
+  if kind == "plain":
+    def step(params, opt_state, batch):
+      updates, opt_state = tx.update(mean_grad(params, batch), opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+  elif kind == "contrib_opaque":
+    def step(params, opt_state, batch):
+      updates, opt_state = tx.update(
+          mean_grad(params, batch), opt_state, params,
+          grad_fn=lambda p, _: mean_grad(p, batch))
+      return optax.apply_updates(params, updates), opt_state
+
+  elif kind == "contrib_transparent":
+    def step(params, opt_state, batch):
+      for _ in range(2):  # adversarial call, then the real update
+        updates, opt_state = tx.update(mean_grad(params, batch), opt_state,
+                                       params)
+        params = optax.apply_updates(params, updates)
+      return params, opt_state
+
+  elif kind == "sharpjax":
+    def step(params, opt_state, batch):
+      trajectory = _find_trajectory_state(opt_state)
+
+      def total_loss(p):
+        logits = apply(p, batch["x"])
+        loss = per_example_ce(logits, batch["y"]).mean()
+        if trajectory is not None:
+          loss = loss + sj.trajectory_penalty(
+              opt_state, logits, batch["ids"],
+              teacher_fn=lambda tp, _: apply(tp, batch["x"]))
+        return loss, logits
+
+      (loss, logits), grads = jax.value_and_grad(total_loss, has_aux=True)(
+          params)
+      updates, opt_state = tx.update(
+          grads, opt_state, params, loss_fn=loss_fn, batch=batch,
+          logits=logits, ids=batch["ids"], value=loss)
+      return optax.apply_updates(params, updates), opt_state
+
+  else:
+    raise ValueError(f"unknown step kind {kind!r}")
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _find_trajectory_state(opt_state):
+  finder = getattr(sj, "find_trajectory_state", None)
+  return None if finder is None else finder(opt_state)
+
+
+def make_batch(num_classes: int, num_examples: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return {
+      "x": jnp.asarray(rng.normal(size=(BATCH, LENGTH, 1)), jnp.float32),
+      "y": jnp.asarray(rng.integers(0, num_classes, BATCH), jnp.int32),
+      "ids": jnp.asarray(rng.choice(num_examples, BATCH, replace=False),
+                         jnp.int32),
+  }
+
+
+@dataclasses.dataclass
+class Runner:
+  method: Method
+  step: Callable
+  params: Any
+  opt_state: Any
+  batch: dict
+  times: list[float] = dataclasses.field(default_factory=list)
+  temp_bytes: int | None = None
+
+  def run(self, num_steps: int) -> float:
+    params, opt_state = self.params, self.opt_state
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      params, opt_state = self.step(params, opt_state, self.batch)
+    jax.block_until_ready((params, opt_state))
+    elapsed = (time.perf_counter() - start) / num_steps
+    self.params, self.opt_state = params, opt_state
+    return elapsed
+
+
+def build(method: Method, warmup: int) -> Runner:
+  model = CNN1D(num_classes=method.num_classes)
+  batch = make_batch(method.num_classes, method.num_examples)
+  params = model.init(jax.random.PRNGKey(0), batch["x"])["params"]
+  tx = method.make_tx()
+  # Copy: some states alias the parameters (contrib.sam's cache), and both
+  # are donated.
+  opt_state = jax.tree.map(jnp.copy, tx.init(params))
+  step = make_step(model, tx, method.kind)
+  lowered = step.lower(params, opt_state, batch)
+  compiled = lowered.compile()
+  temp = None
+  try:
+    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # memory analysis is not available on every backend
+    pass
+  runner = Runner(method, step, params, opt_state, batch, temp_bytes=temp)
+  runner.run(warmup)
+  return runner
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.check_output(
+        ["git", "rev-parse", "--short", "HEAD"], text=True,
+        cwd=pathlib.Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+  except Exception:
+    return "unknown"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--methods", nargs="*", default=None,
+                      help="row names to run (default: all); SGD is always run")
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=10)
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.repeats < 1:
+    parser.error("--steps and --repeats must be >= 1")
+
+  methods = METHODS
+  if args.methods:
+    known = {m.name for m in METHODS}
+    unknown = sorted(set(args.methods) - known)
+    if unknown:
+      parser.error(f"unknown methods {unknown}; known: {sorted(known)}")
+    methods = [m for m in METHODS if m.name in args.methods]
+  # Each classifier width needs its own SGD baseline.
+  widths = sorted({m.num_classes for m in methods} | {10})
+  baselines = {
+      w: Method("sgd" if w == 10 else f"sgd ({w} classes)", _sgd, kind="plain",
+                num_classes=w) for w in widths}
+  rows = list(baselines.values()) + [m for m in methods if m.name != "sgd"]
+
+  print(f"compiling {len(rows)} steps...", file=sys.stderr)
+  runners = [build(m, args.warmup) for m in rows]
+  for r in range(args.repeats):
+    for runner in runners:
+      runner.times.append(runner.run(args.steps))
+    print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
+
+  best = {runner.method.name: min(runner.times) for runner in runners}
+  results = []
+  for runner in runners:
+    m = runner.method
+    baseline = best[baselines[m.num_classes].name]
+    results.append(dict(
+        method=m.name, num_classes=m.num_classes,
+        ms_per_step=1e3 * best[m.name],
+        ratio_to_sgd=best[m.name] / baseline,
+        all_ms=[1e3 * t for t in runner.times],
+        temp_bytes=runner.temp_bytes, note=m.note))
+
+  meta = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      commit=git_commit(), jax=jax.__version__, optax=optax.__version__,
+      device=str(jax.devices()[0].device_kind), platform=platform.platform(),
+      cpu_count=os.cpu_count(), batch=BATCH, steps=args.steps,
+      repeats=args.repeats, model="CNN1D (3x conv 25, MNIST-1D 40x1)")
+  table = markdown(results, meta)
+  print(table)
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "overhead.json").write_text(
+      json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
+  (args.out / "overhead.md").write_text(table + "\n")
+
+
+def markdown(results, meta) -> str:
+  lines = [
+      f"Per-step time, min of {meta['repeats']} repeats of {meta['steps']} "
+      f"steps after compilation; {meta['model']}, batch {meta['batch']}; "
+      f"{meta['device']} ({meta['cpu_count']} cores), jax {meta['jax']}, "
+      f"commit {meta['commit']}, {meta['date']}.",
+      "",
+      "| method | classes | ms / step | ratio to SGD | XLA temp MiB | note |",
+      "|---|---:|---:|---:|---:|---|",
+  ]
+  for r in results:
+    temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.2f}"
+    lines.append(
+        f"| {r['method']} | {r['num_classes']} | {r['ms_per_step']:.3f} | "
+        f"{r['ratio_to_sgd']:.2f}x | {temp} | {r['note']} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()
