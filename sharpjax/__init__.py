@@ -12,6 +12,18 @@ from sharpjax._src.sam import sam
 from sharpjax._src.sam import sharpness_aware
 from sharpjax._src.sam import SharpnessAwareState
 
+# Trajectory regularizers: SAF (logit bank) and MESA (EMA teacher).
+from sharpjax._src.mesa import init_teacher_model_state
+from sharpjax._src.mesa import mesa
+from sharpjax._src.mesa import MESAState
+from sharpjax._src.mesa import teacher
+from sharpjax._src.saf import saf
+from sharpjax._src.saf import saf_bank_bytes
+from sharpjax._src.saf import SAFState
+from sharpjax._src.trajectory import find_trajectory_state
+from sharpjax._src.trajectory import trajectory_penalty
+from sharpjax._src.trajectory import TrajectoryDiagnostics
+
 # Shared building blocks, for writing new variants.
 from sharpjax._src.ascent import asam_perturbation
 from sharpjax._src.ascent import default_adaptive_mask

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import sharpjax as sj
 
 NUM_CLASSES = 3
 NUM_FEATURES = 5
@@ -62,13 +63,25 @@ def update_kwargs(params, batch) -> dict[str, Any]:
   )
 
 
-def clean_grads(params, batch):
-  return jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+def clean_grads(params, batch, opt_state=None):
+  """Gradient of the mean loss, plus the SAF/MESA penalty if ``opt_state`` has
+  a trajectory regularizer."""
+
+  def mean_loss(p):
+    loss = jnp.mean(loss_fn(p, batch))
+    if opt_state is not None and sj.find_trajectory_state(opt_state):
+      loss += sj.trajectory_penalty(
+          opt_state, apply(p, batch["x"]).astype(jnp.float32), batch["ids"],
+          teacher_fn=lambda teacher_params, _: apply(teacher_params,
+                                                     batch["x"]))
+    return loss
+
+  return jax.grad(mean_loss)(params)
 
 
 def train_step(tx, params, opt_state, batch):
   """One full step of ``tx`` (a chain ending in a base optimizer)."""
-  grads = clean_grads(params, batch)
+  grads = clean_grads(params, batch, opt_state)
   updates, opt_state = tx.update(
       grads, opt_state, params, **update_kwargs(params, batch)
   )

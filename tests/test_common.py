@@ -36,6 +36,10 @@ class Case:
 CASES = [
     Case("sam", sj.sam, dict(rho=0.05), scheduled="rho"),
     Case("asam", sj.asam, dict(rho=0.5, eta=0.01), scheduled="rho"),
+    Case("saf", sj.saf, dict(num_examples=64, num_classes=helpers.NUM_CLASSES,
+                             steps_per_epoch=2, delay_epochs=1,
+                             start_epoch=0)),
+    Case("mesa", sj.mesa, dict(decay=0.9, start_epoch=0)),
 ]
 
 NAMED_CASES = [dict(testcase_name=c.name, case=c) for c in CASES]

@@ -1,0 +1,130 @@
+"""MESA: the EMA teacher against a hand-computed sequence, the gate, the KL."""
+
+from __future__ import annotations
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import sharpjax as sj
+
+from tests.test_saf import np_penalty
+
+B, C = 4, 3
+
+
+class MesaTest(parameterized.TestCase):
+
+  def test_ema_of_parameters_and_model_state(self):
+    d = 0.9
+    tx = sj.mesa(decay=d, start_epoch=0)
+    thetas = [np.array([1.0, -2.0]), np.array([3.0, 0.5]),
+              np.array([-1.0, 4.0]), np.array([0.0, 0.0])]
+    stats = [np.array([0.5]), np.array([1.5]), np.array([2.5]),
+             np.array([3.5])]
+    state = tx.init({"w": jnp.asarray(thetas[0], jnp.bfloat16)})
+    state = sj.init_teacher_model_state(state, {"mean": jnp.asarray(stats[0])})
+    v, s = thetas[0].copy(), stats[0].copy()  # v_0 = theta_0
+    update = jax.jit(lambda st, p, m: tx.update(None, st, p, model_state=m))
+    for theta, stat in zip(thetas, stats):
+      teacher_params, teacher_state = sj.teacher(state)
+      np.testing.assert_allclose(teacher_params["w"], v, rtol=1e-6)
+      np.testing.assert_allclose(teacher_state["mean"], s, rtol=1e-6)
+      _, state = update(state, {"w": jnp.asarray(theta, jnp.bfloat16)},
+                        {"mean": jnp.asarray(stat)})
+      v = d * v + (1 - d) * theta
+      s = d * s + (1 - d) * stat
+    # Kept in float32 even for bfloat16 parameters: 1 - decay is below the
+    # resolution of bfloat16, whose EMA would not move.
+    chex.assert_type(sj.teacher(state)[0]["w"], jnp.float32)
+    np.testing.assert_allclose(sj.teacher(state)[0]["w"], v, rtol=1e-6)
+
+  def test_model_state_must_be_passed_once_tracked(self):
+    tx = sj.mesa(start_epoch=0)
+    state = sj.init_teacher_model_state(tx.init({"w": jnp.ones(2)}),
+                                        {"mean": jnp.zeros(1)})
+    with pytest.raises(TypeError, match="model_state"):
+      tx.update(None, state, {"w": jnp.ones(2)})
+
+  def test_penalty_is_the_tempered_kl_to_the_teacher(self):
+    tx = sj.mesa(temperature=2.0, strength=0.5, start_epoch=0)
+    state = tx.init({"w": jnp.ones((2, C))})
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, 2)), jnp.float32)
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(B, C)),
+                         jnp.float32)
+    teacher_fn = lambda params, model_state: x @ params["w"]
+    got = sj.trajectory_penalty(state, logits, teacher_fn=teacher_fn)
+    want = np_penalty(np.asarray(logits), np.asarray(x @ jnp.ones((2, C))),
+                      np.ones(B, bool), 2.0, 0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    given = sj.trajectory_penalty(state, logits,
+                                  teacher_logits=x @ jnp.ones((2, C)))
+    np.testing.assert_allclose(given, want, rtol=1e-5)
+    per_example = sj.trajectory_penalty(state, logits, teacher_fn=teacher_fn,
+                                        per_example=True)
+    np.testing.assert_allclose(per_example.mean(), want, rtol=1e-5)
+    # The teacher is a constant: the gradient flows only through the logits.
+    g = jax.grad(lambda w: sj.trajectory_penalty(
+        state, logits, teacher_fn=lambda p, _: x @ w))(jnp.ones((2, C)))
+    np.testing.assert_array_equal(g, np.zeros((2, C)))
+
+  def test_no_teacher_forward_before_start_epoch(self):
+    """The teacher forward sits under lax.cond: it runs only from start_epoch
+    on (counted by a host callback that fires when the branch executes)."""
+    calls = []
+    tx = optax.chain(sj.mesa(start_epoch=2, steps_per_epoch=3), optax.sgd(0.1))
+    params = {"w": jnp.ones((2, C))}
+    x = jnp.ones((B, 2))
+    y = jnp.zeros(B, jnp.int32)
+
+    def teacher_fn(teacher_params, _):
+      jax.debug.callback(lambda: calls.append(1))
+      return x @ teacher_params["w"]
+
+    @jax.jit
+    def step(params, opt_state):
+      def loss(p):
+        logits = x @ p["w"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return ce + sj.trajectory_penalty(opt_state, logits,
+                                          teacher_fn=teacher_fn)
+      grads = jax.grad(loss)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    counts = []
+    for _ in range(9):  # epochs 0, 1 (no teacher), then 2
+      params, opt_state = step(params, opt_state)
+      jax.effects_barrier()
+      counts.append(len(calls))
+    self.assertEqual(counts[:6], [0] * 6)
+    self.assertEqual(counts[6:], [1, 2, 3])
+
+  def test_errors(self):
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+      sj.mesa()  # start_epoch=5 needs to know where epoch 5 begins
+    with pytest.raises(ValueError, match="decay"):
+      sj.mesa(decay=1.0, start_epoch=0)
+    with pytest.raises(ValueError, match="temperature"):
+      sj.mesa(temperature=-1.0, start_epoch=0)
+    tx = sj.mesa(start_epoch=0)
+    state = tx.init({"w": jnp.ones((2, C))})
+    with pytest.raises(TypeError, match="teacher_fn"):
+      sj.trajectory_penalty(state, jnp.zeros((B, C)))
+    with pytest.raises(ValueError, match="teacher_fn returned shape"):
+      sj.trajectory_penalty(state, jnp.zeros((B, C)),
+                            teacher_fn=lambda p, s: jnp.zeros((B, C + 1)))
+    with pytest.raises(TypeError, match="params"):
+      tx.update(None, state)
+    with pytest.raises(ValueError, match="exactly one"):
+      sj.teacher(optax.sgd(0.1).init({"w": jnp.ones(2)}))
+
+  def test_one_trajectory_regularizer_per_chain(self):
+    tx = optax.chain(sj.mesa(start_epoch=0),
+                     sj.saf(num_examples=8, num_classes=C, steps_per_epoch=1))
+    with pytest.raises(ValueError, match="several"):
+      sj.find_trajectory_state(tx.init({"w": jnp.ones(2)}))
