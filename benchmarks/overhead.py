@@ -93,11 +93,24 @@ def _contrib_sam_transparent():
       sync_period=2, opaque_mode=False)
 
 
+def _saf(num_examples, num_classes):
+  # start_epoch=0: the penalty is on from the first timed step.
+  return sj.saf(num_examples=num_examples, num_classes=num_classes,
+                steps_per_epoch=num_examples // BATCH, start_epoch=0)
+
+
 # Every method of the library has a row here; a new variant adds one line.
 METHODS = [
     Method("sgd", _sgd, kind="plain"),
     Method("sam", lambda: optax.chain(sj.sam(rho=0.05), _sgd())),
     Method("asam", lambda: optax.chain(sj.asam(rho=0.5, eta=0.01), _sgd())),
+    Method("saf", lambda: optax.chain(_saf(4000, 10), _sgd()),
+           note="bank 4,000 x 3 x 10"),
+    Method("saf (50k x 100)", lambda: optax.chain(_saf(50_000, 100), _sgd()),
+           num_classes=100, num_examples=50_000,
+           note="bank 50,000 x 3 x 100 (CIFAR-100 size, 58 MiB)"),
+    Method("mesa", lambda: optax.chain(sj.mesa(start_epoch=0), _sgd()),
+           note="teacher forward every step (after start_epoch)"),
     Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque"),
     Method("optax.contrib.sam (transparent)", _contrib_sam_transparent,
            kind="contrib_transparent", note="two update calls in one jit"),
@@ -141,7 +154,7 @@ def make_step(model: nn.Module, tx, kind: str):
 
   elif kind == "sharpjax":
     def step(params, opt_state, batch):
-      trajectory = _find_trajectory_state(opt_state)
+      trajectory = sj.find_trajectory_state(opt_state)
 
       def total_loss(p):
         logits = apply(p, batch["x"])
@@ -162,11 +175,6 @@ def make_step(model: nn.Module, tx, kind: str):
   else:
     raise ValueError(f"unknown step kind {kind!r}")
   return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _find_trajectory_state(opt_state):
-  finder = getattr(sj, "find_trajectory_state", None)
-  return None if finder is None else finder(opt_state)
 
 
 def make_batch(num_classes: int, num_examples: int, seed: int = 0):
