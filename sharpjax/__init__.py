@@ -12,6 +12,14 @@ from sharpjax._src.sam import sam
 from sharpjax._src.sam import sharpness_aware
 from sharpjax._src.sam import SharpnessAwareState
 
+# The SAM family, cost-cutting variants: ESAM, SSAM, AUSAM.
+from sharpjax._src.ausam import ausam
+from sharpjax._src.ausam import AUSAMState
+from sharpjax._src.esam import esam
+from sharpjax._src.esam import ESAMState
+from sharpjax._src.ssam import ssam
+from sharpjax._src.ssam import SSAMState
+
 # Trajectory regularizers: SAF (logit bank) and MESA (EMA teacher).
 from sharpjax._src.mesa import init_teacher_model_state
 from sharpjax._src.mesa import mesa

@@ -31,6 +31,8 @@ class Case:
   kwargs: dict[str, Any]
   # The hyper-parameter that accepts a schedule and inject_hyperparams.
   scheduled: str | None = None
+  # Hyper-parameters that set static shapes, kept out of inject_hyperparams.
+  static_args: tuple[str, ...] = ()
 
 
 CASES = [
@@ -40,6 +42,20 @@ CASES = [
                              steps_per_epoch=2, delay_epochs=1,
                              start_epoch=0)),
     Case("mesa", sj.mesa, dict(decay=0.9, start_epoch=0)),
+    Case("esam", sj.esam, dict(rho=0.05, beta=0.6, gamma=0.5),
+         scheduled="rho", static_args=("gamma",)),
+    Case("ssam", sj.ssam, dict(rho=0.05, sparsity=0.5, num_fisher_samples=8,
+                               update_every=2),
+         scheduled="rho", static_args=("num_fisher_samples",)),
+    Case("ausam", sj.ausam, dict(rho=0.05, keep=0.5, num_examples=64),
+         scheduled="rho", static_args=("keep",)),
+    Case("gsam", sj.gsam, dict(rho=0.05, alpha=0.1), scheduled="rho"),
+    # k=2: the 2- and 3-step checks cross a full step and a reuse step.
+    Case("looksam", sj.looksam, dict(rho=0.05, k=2, alpha=0.7),
+         scheduled="rho"),
+    Case("fsam", sj.fsam, dict(rho=0.05, sigma=1.0, lam=0.95), scheduled="rho"),
+    Case("msam", sj.msam, dict(rho=0.05, num_chunks=4), scheduled="rho",
+         static_args=("num_chunks",)),
 ]
 
 NAMED_CASES = [dict(testcase_name=c.name, case=c) for c in CASES]
@@ -153,7 +169,8 @@ class CommonTest(chex.TestCase):
     params, batch = helpers.tiny_params(), helpers.tiny_batch()
     expected, _ = _run(_chain(case), params, batch, 2)
     injected = optax.chain(
-        optax.inject_hyperparams(case.factory)(**case.kwargs),
+        optax.inject_hyperparams(case.factory, static_args=case.static_args)(
+            **case.kwargs),
         optax.sgd(0.1, momentum=0.9),
     )
     got, state = _run(injected, params, batch, 2)

@@ -125,3 +125,67 @@ def find_states(tree: Any, state_types: tuple[type, ...]) -> list[Any]:
   """
   is_match: Callable[[Any], bool] = lambda x: isinstance(x, state_types)
   return [x for x in jax.tree.leaves(tree, is_leaf=is_match) if is_match(x)]
+
+
+# ---------------------------------------------------------------------------
+# Static hyper-parameters and keys (variants that sample or select).
+# ---------------------------------------------------------------------------
+
+
+def is_traced(value: Any) -> bool:
+  """Whether ``value`` is a tracer (for example under inject_hyperparams)."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def static_number(name: str, value: Any, owner: str) -> float:
+  """``value`` as a Python float, for a hyper-parameter that sets a shape.
+
+  Such a hyper-parameter cannot be a traced array: ``optax.inject_hyperparams``
+  makes every numeric argument a traced array inside ``update`` unless it is
+  listed in ``static_args``, and this error says so.
+  """
+  if is_traced(value) or callable(value):
+    raise ValueError(
+        f"sharpjax.{owner}: {name} sets a static shape, so it must be a "
+        "number known when the step is traced, not a schedule or a traced "
+        f"array. With optax.inject_hyperparams, pass static_args=('{name}',)."
+    )
+  return float(value)
+
+
+def check_int_like(name: str, value: Any, *, low: int) -> None:
+  """Like :func:`check_int`, but lets a traced value through unchecked.
+
+  Integer hyper-parameters that only enter arithmetic (a period, a number of
+  steps) may arrive as arrays under ``optax.inject_hyperparams``.
+  """
+  if is_traced(value):
+    return
+  if isinstance(value, (jax.Array,)) and jnp.ndim(value) == 0:
+    value = value.item()
+  check_int(name, value, low=low)
+
+
+def fraction_size(fraction: float, size: int) -> int:
+  """``ceil(fraction * size)``, at least 1, forgiving float rounding.
+
+  ``fraction_size(0.3, 10)`` is 3 although ``0.3 * 10`` is 3.0000000000000004.
+  """
+  return max(1, min(size, math.ceil(fraction * size - 1e-6)))
+
+
+def init_key_data(seed: Any) -> jax.Array:
+  """The raw ``uint32`` data of a PRNG key, for keeping a key in a state.
+
+  Raw key data (rather than a typed key) keeps the state an ordinary pytree of
+  numeric arrays that ``MultiSteps``, sharding and chex checks all handle.
+  """
+  if is_traced(seed):
+    raise ValueError("seed must be a concrete integer, not a traced value.")
+  return jax.random.key_data(jax.random.key(int(seed)))
+
+
+def next_key(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits a key kept as raw data: ``(new key data, typed key to use now)``."""
+  key, use = jax.random.split(jax.random.wrap_key_data(key_data))
+  return jax.random.key_data(key), use

@@ -169,3 +169,36 @@ def diagnostics_of(
       perturbed_loss=jnp.asarray(perturbed_loss, jnp.float32),
       cosine=cosine,
   )
+
+
+def take_examples(batch: Any, indices: jax.Array) -> Any:
+  """The sub-batch of ``batch`` at ``indices`` (shape ``[k]``, ``k`` static).
+
+  The sub-batch has a static size, so the passes run on it are statically
+  smaller computations: this is where example-selecting variants save work.
+  Indices must be in range (they come from ``lax.top_k`` or a sampler).
+  """
+  return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
+
+
+def add_perturbation(params: Any, perturbation: Any) -> Any:
+  """``params + perturbation``, added in float32 and cast back per leaf."""
+  return jax.tree.map(
+      lambda w, e: (w.astype(jnp.float32) + e).astype(w.dtype),
+      params,
+      perturbation,
+  )
+
+
+def per_example_losses(
+    loss_fn: LossFn,
+    params: Any,
+    batch: Any,
+    *,
+    has_aux: bool = False,
+    name: str = "sam",
+) -> jax.Array:
+  """The per-example losses of ``batch`` at ``params``, forward only (float32)."""
+  size = batch_size(batch)
+  losses, _ = split_loss_output(loss_fn(params, batch), has_aux, size, name)
+  return losses.astype(jnp.float32)
