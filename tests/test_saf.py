@@ -417,3 +417,50 @@ class SafCostTest(parameterized.TestCase):
         opt_state[0].logit_bank, jnp.ones((8, c)), jnp.arange(8)
     ).compile().as_text()
     self.assertNotEmpty(bank_copies(naive_hlo, f"f32[3,{n},{c}]"))
+
+
+class SafShardingTest(parameterized.TestCase):
+
+  def test_bank_sharded_by_example_over_a_mesh(self):
+    """Batch sharded over 8 devices, bank sharded over them by example id:
+    the same penalties, bank and parameters as one device, and no collective
+    moves anything of the bank's size (only batch-sized rows)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    n, batch_size, spe = 64, 16, 4
+    tx = optax.chain(sj.saf(num_examples=n, num_classes=C, steps_per_epoch=spe,
+                            delay_epochs=1, start_epoch=0), optax.sgd(0.5))
+    features = np.random.default_rng(4).normal(size=(n, D)).astype(np.float32)
+
+    def batch_at(k):
+      ids = np.random.default_rng(k // spe).permutation(n)[
+          (k % spe) * batch_size:(k % spe + 1) * batch_size]
+      return {"x": jnp.asarray(features[ids]), "y": jnp.asarray(ids % C),
+              "ids": jnp.asarray(ids, jnp.int32)}
+
+    def by_example(x):
+      if x.ndim >= 2 and x.shape[1] == n:  # bank [slots, n, C], stamps [slots, n]
+        return NamedSharding(mesh, P(None, "data"))
+      return NamedSharding(mesh, P())
+
+    step = jax.jit(make_step(tx))
+    params = init_params()
+    single = (params, tx.init(params))
+    state = tx.init(params)
+    sharded = (jax.device_put(params, NamedSharding(mesh, P())),
+               jax.tree.map(lambda x: jax.device_put(x, by_example(x)), state))
+    hlo = step.lower(*sharded, jax.device_put(
+        batch_at(0), NamedSharding(mesh, P("data")))).compile().as_text()
+    for line in hlo.splitlines():
+      if re.search(r"all-gather\(|all-reduce\(|all-to-all\(", line):
+        self.assertNotRegex(line.split("=")[1].split("(")[0],
+                            rf"[\[,]{n}[,\]]")
+    for k in range(3 * spe):
+      batch = batch_at(k)
+      *single, want = step(*single, batch)
+      *sharded, got = step(*sharded, jax.device_put(
+          batch, NamedSharding(mesh, P("data"))))
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    self.assertGreater(float(want), 0.0)
+    chex.assert_trees_all_close(sharded, single, rtol=1e-5, atol=1e-6)
+    self.assertEqual(sharded[1][0].logit_bank.sharding.spec[1], "data")

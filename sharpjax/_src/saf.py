@@ -115,9 +115,13 @@ def saf(
   The bank is a ring of ``delay_epochs`` slots of ``num_examples x
   num_classes`` logits (:func:`saf_bank_bytes`); epoch ``e`` reads and
   overwrites slot ``e % delay_epochs``. It is part of the optimizer state, so
-  it is checkpointed, sharded and restored with it; with the batch sharded over
-  a mesh and the state replicated it is one global bank (every device holds it
-  whole and applies the same global writes).
+  it is checkpointed, sharded and restored with it. Under ``jax.jit`` with the
+  batch sharded over a mesh it is always one global bank: replicate it (every
+  device holds it whole and applies the same global writes), or shard it by
+  example with ``NamedSharding(mesh, PartitionSpec(None, "data"))`` on
+  ``logit_bank`` and ``recorded_epoch`` so each device holds
+  ``1/num_devices`` of it; the step then moves only batch-sized rows between
+  devices, never the bank.
 
   Ids: ``ids`` are dataset indices in ``[0, num_examples)`` that travel with
   their examples. An out-of-range id neither reads nor writes any row; it is
