@@ -12,6 +12,15 @@ from sharpjax._src.sam import sam
 from sharpjax._src.sam import sharpness_aware
 from sharpjax._src.sam import SharpnessAwareState
 
+# The SAM family, direction-changing variants: GSAM, LookSAM, F-SAM, mSAM.
+from sharpjax._src.fsam import fsam
+from sharpjax._src.fsam import FSAMState
+from sharpjax._src.gsam import gsam
+from sharpjax._src.gsam import gsam_rho_schedule
+from sharpjax._src.looksam import looksam
+from sharpjax._src.looksam import LookSAMState
+from sharpjax._src.msam import msam
+
 # The SAM family, cost-cutting variants: ESAM, SSAM, AUSAM.
 from sharpjax._src.ausam import ausam
 from sharpjax._src.ausam import AUSAMState

@@ -112,6 +112,21 @@ def safe_inverse(norm: jax.Array) -> jax.Array:
   return jnp.where(positive, 1.0 / jnp.where(positive, norm, 1.0), 0.0)
 
 
+def tree_orthogonal(a: Any, b: Any) -> Any:
+  r"""The component of ``a`` orthogonal to ``b``, in float32.
+
+  :math:`a - \frac{\langle a, b\rangle}{\|b\|^2} b`, with the inner product
+  and norm global over the pytree (a single array is a pytree, which gives
+  the per-tensor form). When ``b`` is zero, ``a`` is returned unchanged.
+  """
+  b_norm = tree_norm_f32(b)
+  inv = safe_inverse(b_norm)
+  coef = tree_vdot_f32(a, b) * inv * inv
+  return jax.tree.map(
+      lambda x, y: x.astype(jnp.float32) - coef * y.astype(jnp.float32), a, b
+  )
+
+
 def tree_cast_like(tree: Any, like: Any) -> Any:
   """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
   return jax.tree.map(lambda x, y: x.astype(jnp.asarray(y).dtype), tree, like)

@@ -125,21 +125,55 @@ def perturbed_pass(
   The perturbation is added in float32 and the sum cast back to each
   parameter's dtype.
   """
-  size = batch_size(batch)
   perturbed = jax.tree.map(
       lambda w, e: (w.astype(jnp.float32) + e).astype(w.dtype),
       params,
       perturbation,
   )
+  return gradient_pass(loss_fn, perturbed, batch, has_aux=has_aux, name=name)
+
+
+def gradient_pass(
+    loss_fn: LossFn,
+    params: Any,
+    batch: Any,
+    *,
+    has_aux: bool = False,
+    name: str = "sam",
+) -> PerturbedPass:
+  """Gradient of the mean of ``loss_fn`` at ``params`` (one forward-backward).
+
+  The pass :func:`perturbed_pass` runs after moving the parameters; variants
+  that need clean gradients of their own (for example one per chunk of the
+  batch) call it directly.
+  """
+  size = batch_size(batch)
 
   def mean_loss(p):
     losses, aux = split_loss_output(loss_fn(p, batch), has_aux, size, name)
     return jnp.mean(losses.astype(jnp.float32)), (losses, aux)
 
   (loss, (losses, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(
-      perturbed
+      params
   )
   return PerturbedPass(loss, grads, losses, aux)
+
+
+def split_batch(batch: Any, num_chunks: int, *, name: str = "sam") -> Any:
+  """Reshapes every leaf of ``batch`` from [B, ...] to [num_chunks, B/num_chunks, ...].
+
+  Raises a clear error at trace time when ``num_chunks`` does not divide B.
+  """
+  size = batch_size(batch)
+  if size % num_chunks:
+    raise ValueError(
+        f"sharpjax.{name}: the batch size {size} is not divisible by "
+        f"num_chunks={num_chunks}."
+    )
+  return jax.tree.map(
+      lambda x: x.reshape((num_chunks, size // num_chunks) + x.shape[1:]),
+      batch,
+  )
 
 
 def diagnostics_of(
@@ -150,10 +184,18 @@ def diagnostics_of(
     *,
     grad_norm: jax.Array | None = None,
     clean_loss: Any = None,
+    perturbation_norm: jax.Array | None = None,
 ) -> Diagnostics:
-  """Builds the diagnostics record from values the step already has."""
+  """Builds the diagnostics record from values the step already has.
+
+  ``perturbation_norm``, when given, is recorded instead of the norm of
+  ``perturbation`` (which may then be None): variants with several
+  perturbations per step report their mean norm.
+  """
   if grad_norm is None:
     grad_norm = base.tree_norm_f32(clean_grads)
+  if perturbation_norm is None:
+    perturbation_norm = base.tree_norm_f32(perturbation)
   perturbed_norm = base.tree_norm_f32(perturbed_grads)
   cosine = (
       base.tree_vdot_f32(clean_grads, perturbed_grads)
@@ -164,7 +206,7 @@ def diagnostics_of(
     clean_loss = jnp.nan
   return Diagnostics(
       grad_norm=jnp.asarray(grad_norm, jnp.float32),
-      perturbation_norm=base.tree_norm_f32(perturbation),
+      perturbation_norm=jnp.asarray(perturbation_norm, jnp.float32),
       clean_loss=jnp.asarray(clean_loss, jnp.float32).reshape(()),
       perturbed_loss=jnp.asarray(perturbed_loss, jnp.float32),
       cosine=cosine,

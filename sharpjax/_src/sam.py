@@ -23,8 +23,15 @@ from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import perturbed as perturbed_lib
 
-# (clean_grads, params, count) -> (float32 perturbation, clean gradient norm)
-PerturbationFn = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
+# (clean_grads, params, count) -> (float32 perturbation, clean gradient norm).
+# A variant with memory (``init_memory``) receives it as a fourth argument.
+PerturbationFn = Callable[..., tuple[Any, jax.Array]]
+# (clean_grads, perturbed_grads, count, memory) -> (descent direction, memory)
+DescentFn = Callable[[Any, Any, jax.Array, dict], tuple[Any, dict]]
+# (clean_grads, params, count, memory) -> (descent direction, memory)
+ReuseFn = Callable[[Any, Any, jax.Array, dict], tuple[Any, dict]]
+
+_RESERVED_FIELDS = ("count", "diagnostics")
 
 
 class SharpnessAwareState(NamedTuple):
@@ -41,38 +48,131 @@ class SharpnessAwareState(NamedTuple):
   diagnostics: perturbed_lib.Diagnostics
 
 
+def _reuse_diagnostics(clean_grads: Any, clean_loss: Any):
+  """The record of a step that took no perturbed pass.
+
+  Nothing was perturbed (norm 0) and the perturbed loss and the cosine were
+  not evaluated: NaN, as the clean loss when the caller does not pass it.
+  """
+  nan = jnp.full((), jnp.nan, jnp.float32)
+  if clean_loss is None:
+    clean_loss = nan
+  return perturbed_lib.Diagnostics(
+      grad_norm=base.tree_norm_f32(clean_grads),
+      perturbation_norm=jnp.zeros((), jnp.float32),
+      clean_loss=jnp.asarray(clean_loss, jnp.float32).reshape(()),
+      perturbed_loss=nan,
+      cosine=nan,
+  )
+
+
+def _mean_over_chunks(tree: Any) -> Any:
+  return jax.tree.map(
+      lambda x: jnp.mean(x.astype(jnp.float32), axis=0).astype(x.dtype), tree
+  )
+
+
 def sharpness_aware(
     perturbation_fn: PerturbationFn,
     *,
     name: str,
     axis_name: Optional[str] = None,
+    descent_fn: Optional[DescentFn] = None,
+    init_memory: Optional[Callable[[Any], dict]] = None,
+    state_type: type = SharpnessAwareState,
+    full_step_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
+    reuse_fn: Optional[ReuseFn] = None,
+    num_chunks: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a perturb-then-descend transformation from its ascent step.
 
   This is the shared mechanism of the SAM family: compute a perturbation from
   the clean gradient, evaluate the gradient of the mean per-example loss at the
   perturbed point, record the diagnostics, and hand the perturbed gradient to
-  the next transformation in the chain.
+  the next transformation in the chain. The optional hooks express the
+  variants without copying this loop:
+
+  * ``descent_fn`` combines the clean and the perturbed gradient into the
+    direction handed on (GSAM), and may update the memory (LookSAM's cached
+    component, F-SAM's EMA);
+  * ``init_memory`` and ``state_type`` add per-method state: ``state_type`` is
+    a ``NamedTuple`` with the fields ``count`` and ``diagnostics`` plus one
+    field per key of the dict ``init_memory(params)`` returns. The hooks see
+    and return that dict (its leaves keep their dtypes and shapes);
+  * ``full_step_fn`` and ``reuse_fn``: on steps where ``full_step_fn(count)``
+    is False the perturbed pass is skipped and ``reuse_fn`` gives the
+    direction from the clean gradient and the memory (LookSAM). The choice is
+    a ``lax.cond``, so under ``jit`` a skipped pass costs nothing;
+  * ``num_chunks > 1`` splits the batch into that many equal chunks and, for
+    each (``vmap``), computes the chunk's clean gradient, its own perturbation
+    and the perturbed gradient; the perturbed gradients are averaged
+    (m-sharpness, mSAM). The clean gradient handed to ``descent_fn`` and the
+    diagnostics is the mean of the chunks' clean gradients (equal to the full
+    batch's), and the gradient passed to ``update`` is used for its structure
+    and dtypes only.
 
   Args:
     perturbation_fn: ``(clean_grads, params, count) -> (eps, grad_norm)``
-      giving a float32 perturbation and the clean gradient's global norm.
+      giving a float32 perturbation and the clean gradient's global norm; with
+      ``init_memory`` it is called as ``(clean_grads, params, count, memory)``.
     name: the public name, used in error messages.
     axis_name: when the update runs inside ``jax.pmap`` (or ``shard_map``),
-      the perturbed gradient, loss and diagnostics are averaged over this axis.
-      The perturbation itself comes from the gradient passed in: pass
+      the descent direction, memory, and diagnostics are averaged over this
+      axis. The perturbation itself comes from the gradient passed in: pass
       per-device gradients for per-device perturbations (SAM's m-sharpness
       with m = per-device batch), or ``pmean`` them first for a global one.
+    descent_fn: ``(clean_grads, perturbed_grads, count, memory) ->
+      (direction, memory)``; default: the perturbed gradient, memory unchanged.
+    init_memory: ``params -> dict`` of the extra state fields; default none.
+    state_type: the state ``NamedTuple`` (default :class:`SharpnessAwareState`).
+    full_step_fn: ``count -> bool`` array, whether this step takes the
+      perturbed pass; needs ``reuse_fn``. Default: every step does.
+    reuse_fn: ``(clean_grads, params, count, memory) -> (direction, memory)``
+      for the steps that skip the pass.
+    num_chunks: number of chunks of the batch, each with its own perturbation
+      (a static int >= 1; the batch size must be divisible by it).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
+  if (full_step_fn is None) != (reuse_fn is None):
+    raise ValueError("full_step_fn and reuse_fn must be given together.")
+  num_chunks = base.check_int("num_chunks", num_chunks, low=1)
+  memory_fields = tuple(
+      f for f in state_type._fields if f not in _RESERVED_FIELDS
+  )
+  if not set(_RESERVED_FIELDS) <= set(state_type._fields):
+    raise ValueError(
+        f"state_type must have the fields {_RESERVED_FIELDS}, got "
+        f"{state_type._fields}."
+    )
+  if memory_fields and init_memory is None:
+    raise ValueError(
+        f"state_type has memory fields {memory_fields}; pass init_memory."
+    )
+
+  def perturb(grads, params, count, memory):
+    if init_memory is None:
+      return perturbation_fn(grads, params, count)
+    return perturbation_fn(grads, params, count, memory)
+
+  def keep_dtypes(new_memory, memory):
+    return jax.tree.map(
+        lambda n, o: jnp.asarray(n, o.dtype).reshape(o.shape), new_memory,
+        memory,
+    )
 
   def init_fn(params):
-    del params
-    return SharpnessAwareState(
+    memory = {} if init_memory is None else dict(init_memory(params))
+    if set(memory) != set(memory_fields):
+      raise ValueError(
+          f"init_memory returned the fields {sorted(memory)}, but state_type "
+          f"{state_type.__name__} has {sorted(memory_fields)}."
+      )
+    return state_type(
         count=jnp.zeros([], jnp.int32),
         diagnostics=perturbed_lib.init_diagnostics(),
+        **memory,
     )
 
   def update_fn(
@@ -88,25 +188,83 @@ def sharpness_aware(
   ):
     del extra_args
     perturbed_lib.require_extra_args(name, params, loss_fn, batch)
-    eps, grad_norm = perturbation_fn(updates, params, state.count)
-    result = perturbed_lib.perturbed_pass(
-        loss_fn, params, eps, batch, has_aux=has_aux, name=name
-    )
-    diagnostics = perturbed_lib.diagnostics_of(
-        updates,
-        eps,
-        result.grads,
-        result.loss,
-        grad_norm=grad_norm,
-        clean_loss=value,
-    )
-    grads = result.grads
+    count = state.count
+    memory = {f: getattr(state, f) for f in memory_fields}
+
+    def chunked_passes(memory):
+      chunks = perturbed_lib.split_batch(batch, num_chunks, name=name)
+
+      def one_chunk(chunk):
+        clean = perturbed_lib.gradient_pass(
+            loss_fn, params, chunk, has_aux=has_aux, name=name
+        )
+        eps, _ = perturb(clean.grads, params, count, memory)
+        result = perturbed_lib.perturbed_pass(
+            loss_fn, params, eps, chunk, has_aux=has_aux, name=name
+        )
+        return (clean.loss, clean.grads, base.tree_norm_f32(eps), result.loss,
+                result.grads)
+
+      clean_loss, clean_grads, eps_norm, loss, grads = jax.vmap(one_chunk)(
+          chunks
+      )
+      clean_grads = base.tree_cast_like(_mean_over_chunks(clean_grads), updates)
+      grads = _mean_over_chunks(grads)
+      diagnostics = perturbed_lib.diagnostics_of(
+          clean_grads,
+          None,
+          grads,
+          jnp.mean(loss),
+          clean_loss=jnp.mean(clean_loss) if value is None else value,
+          perturbation_norm=jnp.mean(eps_norm),
+      )
+      return clean_grads, grads, diagnostics
+
+    def full_step(memory):
+      if num_chunks == 1:
+        eps, grad_norm = perturb(updates, params, count, memory)
+        result = perturbed_lib.perturbed_pass(
+            loss_fn, params, eps, batch, has_aux=has_aux, name=name
+        )
+        clean_grads, grads = updates, result.grads
+        diagnostics = perturbed_lib.diagnostics_of(
+            updates,
+            eps,
+            result.grads,
+            result.loss,
+            grad_norm=grad_norm,
+            clean_loss=value,
+        )
+      else:
+        clean_grads, grads, diagnostics = chunked_passes(memory)
+      new_memory = memory
+      if descent_fn is not None:
+        grads, new_memory = descent_fn(clean_grads, grads, count, memory)
+        new_memory = keep_dtypes(new_memory, memory)
+      return base.tree_cast_like(grads, updates), new_memory, diagnostics
+
+    def reuse_step(memory):
+      grads, new_memory = reuse_fn(updates, params, count, memory)
+      return (
+          base.tree_cast_like(grads, updates),
+          keep_dtypes(new_memory, memory),
+          _reuse_diagnostics(updates, value),
+      )
+
+    if full_step_fn is None:
+      grads, memory, diagnostics = full_step(memory)
+    else:
+      grads, memory, diagnostics = jax.lax.cond(
+          full_step_fn(count), full_step, reuse_step, memory
+      )
     if axis_name is not None:
-      grads, diagnostics = jax.lax.pmean((grads, diagnostics), axis_name)
-    new_state = SharpnessAwareState(
-        count=optax.safe_increment(state.count), diagnostics=diagnostics
+      grads, memory, diagnostics = jax.lax.pmean(
+          (grads, memory, diagnostics), axis_name
+      )
+    new_state = state_type(
+        count=optax.safe_increment(count), diagnostics=diagnostics, **memory
     )
-    return base.tree_cast_like(grads, updates), new_state
+    return grads, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
