@@ -111,6 +111,7 @@ METHODS = [
            note="bank 50,000 x 3 x 100 (CIFAR-100 size, 58 MiB)"),
     Method("mesa", lambda: optax.chain(sj.mesa(start_epoch=0), _sgd()),
            note="teacher forward every step (after start_epoch)"),
+    Method("sagm", lambda: optax.chain(sj.sagm(rho=0.05, alpha=0.001), _sgd())),
     Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque"),
     Method("optax.contrib.sam (transparent)", _contrib_sam_transparent,
            kind="contrib_transparent", note="two update calls in one jit"),

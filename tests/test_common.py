@@ -56,6 +56,9 @@ CASES = [
     Case("fsam", sj.fsam, dict(rho=0.05, sigma=1.0, lam=0.95), scheduled="rho"),
     Case("msam", sj.msam, dict(rho=0.05, num_chunks=4), scheduled="rho",
          static_args=("num_chunks",)),
+    # alpha=0: the battery checks that rho=0 gives a zero perturbation, and
+    # SAGM's is -alpha g there (alpha > 0 is checked in test_sagm.py).
+    Case("sagm", sj.sagm, dict(rho=0.05, alpha=0.0), scheduled="rho"),
 ]
 
 NAMED_CASES = [dict(testcase_name=c.name, case=c) for c in CASES]
