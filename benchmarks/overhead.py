@@ -112,6 +112,15 @@ METHODS = [
     Method("mesa", lambda: optax.chain(sj.mesa(start_epoch=0), _sgd()),
            note="teacher forward every step (after start_epoch)"),
     Method("sagm", lambda: optax.chain(sj.sagm(rho=0.05, alpha=0.001), _sgd())),
+    Method("esam", lambda: optax.chain(
+        sj.esam(rho=0.05, beta=0.6, gamma=0.5), _sgd()),
+           note="beta 0.6, gamma 0.5"),
+    Method("ssam", lambda: optax.chain(
+        sj.ssam(rho=0.05, sparsity=0.5, update_every=100), _sgd()),
+           note="Fisher mask, sparsity 0.5, refreshed every 100 steps"),
+    Method("ausam", lambda: optax.chain(
+        sj.ausam(rho=0.05, keep=0.5, num_examples=4000), _sgd()),
+           num_examples=4000, note="keep 0.5"),
     Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque"),
     Method("optax.contrib.sam (transparent)", _contrib_sam_transparent,
            kind="contrib_transparent", note="two update calls in one jit"),

@@ -43,10 +43,9 @@ class ESAMState(NamedTuple):
 
 def swp_mask(key: jax.Array, tree, beta) -> list:
   """One Bernoulli(beta) draw per leaf of ``tree`` (a list of bool scalars)."""
-  leaves = jax.tree.leaves(tree)
-  keys = jax.random.split(key, len(leaves))
-  beta = jnp.asarray(beta, jnp.float32)
-  return [jax.random.bernoulli(k, beta) for k in keys]
+  num_leaves = len(jax.tree.leaves(tree))
+  keep = jax.random.uniform(key, (num_leaves,)) < jnp.asarray(beta, jnp.float32)
+  return [keep[i] for i in range(num_leaves)]
 
 
 def swp_perturbation(grads, rho, beta, key):
