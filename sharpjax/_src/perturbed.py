@@ -192,15 +192,20 @@ def diagnostics_of(
   ``perturbation`` (which may then be None): variants with several
   perturbations per step report their mean norm.
   """
-  if grad_norm is None:
-    grad_norm = base.tree_norm_f32(clean_grads)
+  pairs = [(clean_grads, perturbed_grads), (perturbed_grads, perturbed_grads)]
   if perturbation_norm is None:
-    perturbation_norm = base.tree_norm_f32(perturbation)
-  perturbed_norm = base.tree_norm_f32(perturbed_grads)
+    pairs.append((perturbation, perturbation))
+  if grad_norm is None:
+    pairs.append((clean_grads, clean_grads))
+  products = base.tree_inner_products(*pairs)
+  if grad_norm is None:
+    grad_norm = jnp.sqrt(products[-1])
+  if perturbation_norm is None:
+    perturbation_norm = jnp.sqrt(products[2])
   cosine = (
-      base.tree_vdot_f32(clean_grads, perturbed_grads)
+      products[0]
       * base.safe_inverse(grad_norm)
-      * base.safe_inverse(perturbed_norm)
+      * base.safe_inverse(jnp.sqrt(products[1]))
   )
   if clean_loss is None:
     clean_loss = jnp.nan
