@@ -175,8 +175,13 @@ class _Nnx:
   def apply(self, params, model_state, x, *, train, key):
     del key
     nnx = self.nnx
-    module = nnx.merge(self.graphdef, params, model_state["batch_stats"],
-                       model_state["rest"])
+    # Fresh Variable objects owned by the current trace: the states may have
+    # been made at an outer trace level (the perturbed pass runs inside
+    # tx.update's own value_and_grad), where nnx refuses mutation.
+    fresh = lambda tree: jax.tree.map(lambda v: v, tree)
+    module = nnx.merge(self.graphdef, fresh(params),
+                       fresh(model_state["batch_stats"]),
+                       fresh(model_state["rest"]))
     if train:
       module.train()
     else:
@@ -334,6 +339,13 @@ def make_trainer(
   spec: dict[str, Any] = {"num_classes": num_classes, "x_ndim": None}
 
   if mesh is not None:
+    # Flax linen layers are not written for explicit sharding types (since JAX
+    # 0.9 ``jax.make_mesh`` makes Explicit axes), so the step runs on the same
+    # devices and axis names with Auto axes; the compiler propagates the
+    # batch sharding.
+    mesh = jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
     num_devices = int(mesh.shape[data_axis])
   elif axis_name is not None:
     devices = list(devices) if devices is not None else jax.local_devices()
@@ -392,7 +404,10 @@ def make_trainer(
       value = jax.lax.pmean(value, axis_name)
       if not per_device_perturbation:
         grads = jax.lax.pmean(grads, axis_name)
-      new_state = jax.lax.pmean(new_state, axis_name)
+      new_state = jax.tree.map(
+          lambda v: (jax.lax.pmean(v, axis_name)
+                     if jnp.issubdtype(v.dtype, jnp.inexact) else v),
+          new_state)
       update_logits = jax.lax.all_gather(logits, axis_name, tiled=True)
       if ids is not None:
         update_ids = jax.lax.all_gather(ids, axis_name, tiled=True)

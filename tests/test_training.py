@@ -1,0 +1,413 @@
+"""The step builder: each method's plumbing against a hand-written step.
+
+Small models and few steps. Parameter initialisation uses "unsafe_rbg" keys
+where the test does not need threefry: XLA:CPU compiles threefry random
+numbers slowly.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sharpjax as sj
+from sharpjax import data
+from sharpjax import models
+from sharpjax import training
+
+NUM_CLASSES = 5
+
+
+class TinyBN(nn.Module):
+  """Dense - BatchNorm - ReLU - Dropout - Dense."""
+
+  dropout_rate: float = 0.0
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Dense(8)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.8,
+                     axis_name=self.axis_name)(x)
+    x = nn.relu(x)
+    if self.dropout_rate:
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(NUM_CLASSES)(x)
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def _data(n=64, seed=0):
+  return data.make_synthetic(n, input_shape=(6,), num_classes=NUM_CLASSES,
+                             seed=seed)
+
+
+def _batch(n=16, seed=0):
+  ds = _data(n, seed)
+  return {"x": ds.x, "y": ds.y, "ids": np.arange(n, dtype=np.int32)}
+
+
+def _ce(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def _train_apply(model, params, stats, x, key):
+  """A train-mode forward pass: (logits, new batch_stats)."""
+  rngs = {"dropout": jax.random.fold_in(key, 0)} if key is not None else {}
+  logits, new = model.apply({"params": params, "batch_stats": stats}, x,
+                            train=True, rngs=rngs, mutable=["batch_stats"])
+  return logits, new["batch_stats"]
+
+
+def _close(a, b, tol=1e-5):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=tol,
+                                                       atol=tol), a, b)
+
+
+def _copy(tree):
+  return jax.tree.map(np.array, tree)
+
+
+def test_plain_optax_step_matches_manual_step():
+  model = TinyBN()
+  trainer = training.make_trainer(model, optax.sgd(0.1))
+  batch = _batch()
+  state = trainer.init(_key(), batch)
+  p0, s0 = _copy(state.params), _copy(state.model_state["batch_stats"])
+  state, metrics = trainer.step(state, batch)
+
+  def loss(p):
+    logits, stats = _train_apply(model, p, s0, batch["x"], None)
+    return _ce(logits, batch["y"]).mean(), (stats, logits)
+
+  (value, (stats, logits)), g = jax.value_and_grad(loss, has_aux=True)(p0)
+  _close(state.params, jax.tree.map(lambda w, d: w - 0.1 * d, p0, g))
+  _close(state.model_state["batch_stats"], stats)
+  np.testing.assert_allclose(metrics["loss"], value, rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics["accuracy"], np.mean(np.argmax(logits, -1) == batch["y"]))
+  assert int(state.step) == 1
+
+
+def test_sam_step_keeps_clean_batch_stats_and_one_dropout_key():
+  model = TinyBN(dropout_rate=0.5)
+  rho, lr = 0.3, 0.1
+  tx = optax.chain(sj.sam(rho), optax.sgd(lr))
+  trainer = training.make_trainer(model, tx, donate=False)
+  batch = _batch()
+  state = trainer.init(_key(), batch)
+  new_state, metrics = trainer.step(state, batch)
+
+  # The documented key rule: step t uses fold_in(rng, t), and rng collection
+  # number i (here dropout, i = 0) fold_in(that, i).
+  key = jax.random.fold_in(state.rng, 0)
+  p0, s0 = state.params, state.model_state["batch_stats"]
+
+  def loss(p, k):
+    logits, stats = _train_apply(model, p, s0, batch["x"], k)
+    return _ce(logits, batch["y"]).mean(), stats
+
+  (_, clean_stats), g = jax.value_and_grad(loss, has_aux=True)(p0, key)
+  norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+  perturbed = jax.tree.map(lambda w, d: w + rho * d / norm, p0, g)
+  (_, perturbed_stats), g2 = jax.value_and_grad(loss, has_aux=True)(
+      perturbed, key)
+  expected = jax.tree.map(lambda w, d: w - lr * d, p0, g2)
+  _close(new_state.params, expected)
+  # BatchNorm: the running averages are those of the clean pass only ...
+  _close(new_state.model_state["batch_stats"], clean_stats, tol=1e-6)
+  # ... which differ from what the perturbed pass computed (so this test
+  # would catch a step that kept the perturbed pass's statistics).
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                      clean_stats, perturbed_stats)
+  assert max(jax.tree.leaves(diff)) > 1e-4
+  # A perturbed pass with another dropout mask gives another step.
+  _, g_other = jax.value_and_grad(loss, has_aux=True)(
+      perturbed, jax.random.fold_in(key, 99))
+  other = jax.tree.map(lambda w, d: w - lr * d, p0, g_other)
+  gap = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                     other, expected)
+  assert max(jax.tree.leaves(gap)) > 1e-4
+  # Diagnostics come back as metrics.
+  np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+  np.testing.assert_allclose(metrics["perturbation_norm"], rho, rtol=1e-5)
+  assert {"cosine", "perturbed_loss", "clean_loss"} <= set(metrics)
+
+
+def test_dropout_key_is_fresh_each_step_and_compiles_once():
+  traces = []
+
+  def counting_ce(logits, y):
+    traces.append(1)
+    return _ce(logits, y)
+
+  model = TinyBN(dropout_rate=0.5)
+  trainer = training.make_trainer(model, optax.sgd(0.0), loss=counting_ce,
+                                  num_classes=NUM_CLASSES)
+  batch = _batch()
+  state = trainer.init(_key(), batch)
+  losses = []
+  for _ in range(3):
+    state, metrics = trainer.step(state, batch)
+    losses.append(float(metrics["loss"]))
+  # lr = 0: same parameters and batch, so only the dropout mask differs.
+  assert len(set(losses)) == 3
+  assert len(traces) == 1  # one trace of the step (three calls)
+
+
+def test_saf_ids_write_the_bank_and_the_penalty_reads_it():
+  model = TinyBN()
+  ds = _data(32)
+  loader = data.DataLoader(ds, 16, seed=0, prefetch=0)
+  temperature, strength = 2.0, 0.5
+  tx = optax.chain(
+      sj.saf(len(ds), NUM_CLASSES, len(loader), delay_epochs=1,
+             start_epoch=1, temperature=temperature, strength=strength),
+      optax.sgd(0.1))
+  trainer = training.make_trainer(model, tx, donate=False)
+  first = loader.batch(0, 0)
+  state = trainer.init(_key(), first)
+  logits0, _ = _train_apply(model, state.params,
+                            state.model_state["batch_stats"], first["x"], None)
+  state, metrics = trainer.step(state, first)
+  assert float(metrics["penalty"]) == 0.0  # before start_epoch
+  bank = sj.find_trajectory_state(state.opt_state).logit_bank
+  _close(bank[0, first["ids"]], logits0)
+  state, _ = trainer.step(state, loader.batch(0, 1))
+  # Epoch 1: the target of each example is its row from epoch 0.
+  batch = loader.batch(1, 0)
+  bank = np.array(sj.find_trajectory_state(state.opt_state).logit_bank[0])
+  logits, _ = _train_apply(model, state.params,
+                           state.model_state["batch_stats"], batch["x"], None)
+  log_p = jax.nn.log_softmax(bank[batch["ids"]] / temperature)
+  log_q = jax.nn.log_softmax(logits / temperature)
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+  state, metrics = trainer.step(state, batch)
+  np.testing.assert_allclose(metrics["penalty"],
+                             strength * temperature**2 * kl.mean(), rtol=1e-5)
+  assert float(metrics["penalty"]) > 0
+  assert int(metrics["epoch"]) == 1
+
+
+def test_mesa_teacher_runs_in_eval_mode_and_tracks_batch_stats():
+  model = TinyBN()
+  temperature, strength, decay = 3.0, 0.7, 0.5
+  tx = optax.chain(sj.mesa(decay, temperature, strength, start_epoch=0),
+                   optax.sgd(0.1))
+  trainer = training.make_trainer(model, tx, donate=False)
+  batch = _batch()
+  state = trainer.init(_key(), batch)
+  p0, s0 = state.params, state.model_state["batch_stats"]
+  teacher_params, teacher_stats = sj.teacher(state.opt_state)
+  _close(teacher_stats, {"batch_stats": s0})
+  new_state, metrics = trainer.step(state, batch)
+
+  student, clean_stats = _train_apply(model, p0, s0, batch["x"], None)
+  teacher_logits = model.apply({"params": p0, "batch_stats": s0}, batch["x"],
+                               train=False)  # eval mode: running averages
+  log_p = jax.nn.log_softmax(teacher_logits / temperature)
+  log_q = jax.nn.log_softmax(student / temperature)
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+  np.testing.assert_allclose(metrics["penalty"],
+                             strength * temperature**2 * kl.mean(), rtol=1e-5)
+  assert float(metrics["penalty"]) > 1e-4
+  _, new_teacher_stats = sj.teacher(new_state.opt_state)
+  _close(new_teacher_stats["batch_stats"],
+         jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, s0,
+                      clean_stats))
+
+
+def _assert_untouched(state, trainer, batch):
+  assert not any(x.is_deleted() for x in jax.tree.leaves(state)
+                 if isinstance(x, jax.Array))
+  state, _ = trainer.step(state, batch)  # the state is still usable
+  return state
+
+
+def test_bad_batches_raise_before_the_state_changes():
+  model = TinyBN()
+  ds = _data(32)
+  tx = optax.chain(sj.saf(len(ds), NUM_CLASSES, 2), optax.sgd(0.1))
+  trainer = training.make_trainer(model, tx)
+  batch = _batch()
+  state = trainer.init(_key(), batch)
+  step0 = int(state.step)
+  with pytest.raises(KeyError, match="ids"):
+    trainer.step(state, {"x": batch["x"], "y": batch["y"]})
+  with pytest.raises(ValueError, match="rank 3"):
+    trainer.step(state, {**batch, "x": batch["x"][:, :, None]})
+  bad = batch["y"].copy()
+  bad[3] = NUM_CLASSES
+  with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+    trainer.step(state, {**batch, "y": bad})
+  with pytest.raises(ValueError, match="labels must be in"):
+    trainer.step(state, {**batch, "y": jnp.asarray(-bad)})
+  with pytest.raises(ValueError, match="leading batch axis"):
+    trainer.step(state, {**batch, "ids": batch["ids"][:4]})
+  assert int(state.step) == step0
+  _assert_untouched(state, trainer, batch)
+
+
+def test_batch_not_divisible_by_the_devices():
+  mesh = jax.make_mesh((8,), ("data",))
+  trainer = training.make_trainer(TinyBN(), optax.sgd(0.1), mesh=mesh)
+  batch = _batch(16)
+  state = trainer.init(_key(), batch)
+  odd = jax.tree.map(lambda v: v[:12], batch)
+  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+    trainer.step(state, odd)
+  _assert_untouched(state, trainer, batch)
+  with pytest.raises(ValueError, match="not an axis of the mesh"):
+    training.make_trainer(TinyBN(), optax.sgd(0.1), mesh=mesh,
+                          data_axis="batch")
+
+
+def _run(trainer, loader, epochs, key):
+  state = trainer.init(key, loader.batch(0, 0))
+  for epoch in range(epochs):
+    for batch in loader.epoch(epoch):
+      state, metrics = trainer.step(state, batch)
+  return state, metrics
+
+
+def _saf_sam_chain(n, steps, axis_name=None):
+  return optax.chain(
+      sj.saf(n, NUM_CLASSES, steps, delay_epochs=1, start_epoch=1),
+      sj.sam(0.05, axis_name=axis_name),
+      optax.sgd(0.1, momentum=0.9))
+
+
+def test_mesh_of_8_devices_matches_one_device():
+  """SAF + SAM + BatchNorm + dropout, 2 epochs: same result sharded or not."""
+  ds = _data(64)
+  loader = data.DataLoader(ds, 16, seed=0)
+  model = TinyBN(dropout_rate=0.2)
+  key = jax.random.key(0)  # threefry: dropout masks independent of sharding
+  single, m1 = _run(training.make_trainer(
+      model, _saf_sam_chain(len(ds), len(loader))), loader, 2, key)
+  mesh = jax.make_mesh((8,), ("data",))
+  trainer = training.make_trainer(model, _saf_sam_chain(len(ds), len(loader)),
+                                  mesh=mesh)
+  sharded, m8 = _run(trainer, loader, 2, key)
+  assert trainer.num_devices == 8
+  leaf = jax.tree.leaves(sharded.params)[0]
+  assert len(leaf.sharding.device_set) == 8 and leaf.is_fully_replicated
+  _close(sharded.params, single.params)
+  _close(sharded.model_state, single.model_state)
+  _close(sj.find_trajectory_state(sharded.opt_state).logit_bank,
+         sj.find_trajectory_state(single.opt_state).logit_bank)
+  assert float(m1["penalty"]) > 0
+  np.testing.assert_allclose(m8["penalty"], m1["penalty"], rtol=1e-5)
+
+
+def test_pmap_matches_the_mesh():
+  """The same steps under pmap (gradients, BN stats, SAF bank in sync)."""
+  ds = _data(64)
+  loader = data.DataLoader(ds, 16, seed=1)
+  key = _key(3)
+  mesh = jax.make_mesh((8,), ("data",))
+  ref, m_ref = _run(training.make_trainer(
+      TinyBN(), _saf_sam_chain(len(ds), len(loader)), mesh=mesh),
+      loader, 2, key)
+  trainer = training.make_trainer(
+      TinyBN(axis_name="batch"),
+      _saf_sam_chain(len(ds), len(loader), axis_name="batch"),
+      axis_name="batch")
+  out, m_out = _run(trainer, loader, 2, key)
+  assert jax.tree.leaves(out.params)[0].shape[0] == 8
+  _close(training.unreplicate(out.params), ref.params)
+  _close(training.unreplicate(out.model_state), ref.model_state)
+  _close(sj.find_trajectory_state(
+      training.unreplicate(out.opt_state)).logit_bank,
+         sj.find_trajectory_state(ref.opt_state).logit_bank)
+  # Every replica holds the same state.
+  jax.tree.map(lambda x: np.testing.assert_array_equal(x[0], x[-1]),
+               out.params)
+  np.testing.assert_allclose(m_out["loss"], m_ref["loss"], rtol=1e-5)
+  metrics = trainer.eval_step(out, loader.batch(0, 0))
+  ref_metrics = training.make_trainer(TinyBN(), optax.sgd(0.1)).eval_step(
+      ref, loader.batch(0, 0))
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+
+
+def test_pmap_per_device_perturbation_is_m_sharpness():
+  model = models.MLP(features=(8,), num_classes=NUM_CLASSES)
+  rho, lr, n = 0.2, 0.1, 4
+  trainer = training.make_trainer(
+      model, optax.chain(sj.sam(rho, axis_name="i"), optax.sgd(lr)),
+      axis_name="i", devices=jax.devices()[:n], per_device_perturbation=True)
+  batch = _batch(16)
+  state = trainer.init(_key(), batch)
+  p0 = training.unreplicate(state.params)
+  state, _ = trainer.step(state, batch)
+
+  def loss(p, x, y):
+    return _ce(model.apply({"params": p}, x), y).mean()
+
+  grads = []
+  for k in range(n):
+    x, y = batch["x"][4 * k:4 * k + 4], batch["y"][4 * k:4 * k + 4]
+    g = jax.grad(loss)(p0, x, y)
+    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+    grads.append(jax.grad(loss)(
+        jax.tree.map(lambda w, d: w + rho * d / norm, p0, g), x, y))
+  g2 = jax.tree.map(lambda *gs: sum(gs) / n, *grads)
+  _close(training.unreplicate(state.params),
+         jax.tree.map(lambda w, d: w - lr * d, p0, g2))
+
+
+def test_eval_step_uses_running_averages():
+  model = TinyBN()
+  trainer = training.make_trainer(model, optax.sgd(0.1))
+  batch = _batch()
+  state = trainer.init(_key(), batch)
+  state, _ = trainer.step(state, batch)
+  metrics = trainer.eval_step(state, batch)
+  logits = model.apply({"params": state.params, **state.model_state},
+                       batch["x"], train=False)
+  np.testing.assert_allclose(metrics["loss"],
+                             _ce(logits, batch["y"]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics["accuracy"], np.mean(np.argmax(logits, -1) == batch["y"]))
+
+
+def test_nnx_module_with_batchnorm_and_sam():
+  from flax import nnx
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(6, 8, rngs=rngs)
+      self.norm = nnx.BatchNorm(8, momentum=0.8, rngs=rngs)
+      self.out = nnx.Linear(8, NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.norm(self.dense(x))))
+
+  net = Net(nnx.Rngs(0))
+  trainer = training.make_trainer(
+      net, optax.chain(sj.sam(0.3), optax.sgd(0.1)), donate=False)
+  batch = _batch()
+  state = trainer.init(_key(), batch)
+  new_state, metrics = trainer.step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  # The running averages are those of one clean pass at the old parameters.
+  clean = nnx.merge(trainer_graphdef(net), state.params,
+                    state.model_state["batch_stats"],
+                    state.model_state["rest"])
+  clean.train()
+  clean(jnp.asarray(batch["x"]))
+  np.testing.assert_allclose(new_state.model_state["batch_stats"]["norm"]
+                             ["mean"][...], clean.norm.mean[...], rtol=1e-6)
+  moved = (new_state.params["dense"]["kernel"][...]
+           - state.params["dense"]["kernel"][...])
+  assert float(jnp.max(jnp.abs(moved))) > 0
+
+
+def trainer_graphdef(module):
+  from flax import nnx
+  return nnx.split(module, nnx.Param, nnx.BatchStat, ...)[0]
