@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 from absl.testing import parameterized
@@ -101,8 +102,9 @@ class SsamTest(parameterized.TestCase):
     params = quad_params()
     tx = sj.ssam(rho=0.5, sparsity=0.5, update_every=5)
     grads = jax.grad(lambda p: quad_loss(p, QUAD_BATCH).mean())(params)
-    updates, state = tx.update(grads, tx.init(params), params,
-                               loss_fn=quad_loss, batch=QUAD_BATCH)
+    updates, state = jax.jit(
+        lambda s: tx.update(grads, s, params, loss_fn=quad_loss,
+                            batch=QUAD_BATCH))(tx.init(params))
     chex.assert_trees_all_close(updates, grads, rtol=1e-6)
     self.assertEqual(float(sj.diagnostics(state)["perturbation_norm"]), 0.0)
     # The mask was refreshed after the step, from the Fisher at w0.
@@ -110,9 +112,7 @@ class SsamTest(parameterized.TestCase):
 
   @parameterized.parameters(0.0, 0.25, 0.5, 0.9, 0.99)
   def test_mask_density_and_largest_fisher_entries(self, sparsity):
-    params = helpers.tiny_params()
-    batch = helpers.tiny_batch()
-    fisher_tree = ssam_lib.fisher_diagonal(helpers.loss_fn, params, batch)
+    fisher_tree = _tiny_fisher()
     mask = ssam_lib.top_mask(fisher_tree, sparsity)
     f = np.concatenate([np.ravel(x) for x in jax.tree.leaves(fisher_tree)])
     m = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mask)])
@@ -124,12 +124,13 @@ class SsamTest(parameterized.TestCase):
   def test_fisher_diagonal_is_the_sum_of_squared_per_example_gradients(self):
     params = helpers.tiny_params()
     batch = helpers.tiny_batch(size=6)
-    got = ssam_lib.fisher_diagonal(helpers.loss_fn, params, batch)
+    got = jax.jit(lambda p, b: ssam_lib.fisher_diagonal(helpers.loss_fn, p, b))(
+        params, batch)
     # One jax.grad per example, by a Python loop.
+    grad_fn = jax.jit(jax.grad(lambda p, one: helpers.loss_fn(p, one)[0]))
     want = jax.tree.map(jnp.zeros_like, params)
     for i in range(6):
-      one = jax.tree.map(lambda x: x[i:i + 1], batch)
-      g = jax.grad(lambda p: helpers.loss_fn(p, one)[0])(params)
+      g = grad_fn(params, jax.tree.map(lambda x: x[i:i + 1], batch))
       want = jax.tree.map(lambda a, b: a + b ** 2, want, g)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
 
@@ -171,8 +172,9 @@ class SsamTest(parameterized.TestCase):
     batch = helpers.tiny_batch()
     grads = helpers.clean_grads(params, batch)
     state = tx.init(params)
-    _, new_state = tx.update(grads, state, params, loss_fn=helpers.loss_fn,
-                             batch=batch)
+    _, new_state = jax.jit(
+        lambda s: tx.update(grads, s, params, loss_fn=helpers.loss_fn,
+                            batch=batch))(state)
     g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)])
     m = flat_mask(state.mask)
     np.testing.assert_allclose(
@@ -205,6 +207,13 @@ class SsamTest(parameterized.TestCase):
       results.append((updates, state.mask))
     chex.assert_trees_all_close(results[1], results[0])
     self.assertEqual(int(flat_mask(results[1][1]).sum()), 5)
+
+
+@functools.cache
+def _tiny_fisher():
+  return jax.jit(
+      lambda p, b: ssam_lib.fisher_diagonal(helpers.loss_fn, p, b)
+  )(helpers.tiny_params(), helpers.tiny_batch())
 
 
 def flat_mask(mask):
