@@ -70,7 +70,7 @@ def _mlp():
 def _dense_hessian(loss_fn, params, batch):
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   mean_loss = lambda f: jnp.mean(loss_fn(unravel(f), batch))
-  return np.asarray(jax.hessian(mean_loss)(flat), np.float64), flat, unravel
+  return np.asarray(jax.jit(jax.hessian(mean_loss))(flat), np.float64), flat, unravel
 
 
 KEY = jax.random.PRNGKey(0)
@@ -303,6 +303,7 @@ def test_worst_case_bounds_and_constraint(norm, adaptive, rho, ascent):
   assert np.isfinite(float(worst.error_increase))
 
   # At least the one-step (SAM-style) estimate on each subset, within the same set.
+  @jax.jit
   def one_step(b):
     g = jax.grad(lambda p: jnp.mean(loss_fn(p, b)))(params)
     c = jax.tree.map(lambda w: jnp.abs(w) if adaptive else jnp.ones_like(w), params)
@@ -505,6 +506,29 @@ def test_deterministic_for_fixed_key():
     a, b, c = call(KEY), call(KEY), call(key2)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert not all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, c)))
+
+
+def test_host_loops_match_lax_loops():
+  params, apply_fn, batch = _mlp()
+  loss_fn = sm.classification_loss(apply_fn)
+  halves = [jax.tree.map(lambda x, i=i: x[8 * i: 8 * i + 8], batch) for i in range(2)]
+  close = lambda a, b: jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), a, b)
+  for method in ("power", "lanczos"):
+    kw = dict(k=2, method=method, max_iters=30, num_lanczos_steps=10)
+    lax_r = sm.hessian_eigenpairs(loss_fn, params, halves, KEY, **kw)
+    host_r = sm.hessian_eigenpairs(loss_fn, params, halves, KEY, loop="host", **kw)
+    close(lax_r, host_r)
+  kw = dict(num_probes=6, probes_per_step=4)
+  close(sm.hessian_trace(loss_fn, params, halves, KEY, **kw),
+        sm.hessian_trace(loss_fn, params, halves, KEY, loop="host", **kw))
+  kw = dict(num_steps=8, num_runs=2, grid_size=50)
+  a = sm.spectral_density(loss_fn, params, halves, KEY, **kw)
+  b = sm.spectral_density(loss_fn, params, halves, KEY, loop="host", **kw)
+  close(a.nodes, b.nodes)
+  close(a.weights, b.weights)
+  with pytest.raises(ValueError, match="loop"):
+    sm.hessian_trace(loss_fn, params, halves, KEY, loop="python")
 
 
 def test_no_retrace_on_new_params_or_key():

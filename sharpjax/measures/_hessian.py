@@ -133,6 +133,35 @@ def _normalize(v: jax.Array) -> jax.Array:
   return v * base.safe_inverse(jnp.linalg.norm(v))
 
 
+# Power iteration, one eigenpair at a time. ``found`` masks the rows of
+# ``basis`` already holding eigenvectors; state = (v, lam, lam_prev, it).
+
+
+def _orth(v, basis, found):
+  for _ in range(2):
+    v = v - basis.T @ (found * (basis @ v))
+  return _normalize(v)
+
+
+def _power_start(key, i, basis, found):
+  v0 = jax.random.normal(jax.random.fold_in(key, i), (basis.shape[1],))
+  inf = jnp.array(jnp.inf, jnp.float32)
+  return (_orth(v0, basis, found), inf, inf, jnp.zeros((), jnp.int32))
+
+
+def _power_continue(state, max_iters, tol):
+  _, lam, lam_prev, it = state
+  change = jnp.abs(lam - lam_prev) / (jnp.abs(lam_prev) + 1e-6)
+  return (it < max_iters) & ((it < 2) | (change >= tol))
+
+
+def _power_body(matvec, basis, found, state):
+  v, lam, _, it = state
+  v = _orth(v, basis, found)
+  av = matvec(v)
+  return _normalize(av), jnp.vdot(v, av), lam, it + 1
+
+
 def power_iteration(
     matvec: MatVec,
     dim: int,
@@ -162,41 +191,66 @@ def power_iteration(
   Returns:
     ``(eigenvalues [k], eigenvectors [k, dim], iterations [k])``.
   """
-  basis0 = jnp.zeros((k, dim), jnp.float32)
 
   def one(i, carry):
     basis, values, iters = carry
     found = (jnp.arange(k) < i).astype(jnp.float32)
-
-    def orth(v):
-      for _ in range(2):
-        v = v - basis.T @ (found * (basis @ v))
-      return _normalize(v)
-
-    v0 = orth(jax.random.normal(jax.random.fold_in(key, i), (dim,)))
-
-    def cond(s):
-      _, lam, lam_prev, it = s
-      change = jnp.abs(lam - lam_prev) / (jnp.abs(lam_prev) + 1e-6)
-      return (it < max_iters) & ((it < 2) | (change >= tol))
-
-    def body(s):
-      v, lam, _, it = s
-      v = orth(v)
-      av = matvec(v)
-      return _normalize(av), jnp.vdot(v, av), lam, it + 1
-
-    nan = jnp.array(jnp.inf, jnp.float32)
-    v, lam, _, it = jax.lax.while_loop(cond, body, (v0, nan, nan, 0))
+    state = jax.lax.while_loop(
+        lambda st: _power_continue(st, max_iters, tol),
+        lambda st: _power_body(matvec, basis, found, st),
+        _power_start(key, i, basis, found),
+    )
     return (
-        basis.at[i].set(orth(v)),
-        values.at[i].set(lam),
-        iters.at[i].set(it),
+        basis.at[i].set(_orth(state[0], basis, found)),
+        values.at[i].set(state[1]),
+        iters.at[i].set(state[3]),
     )
 
-  init = (basis0, jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.int32))
+  init = (
+      jnp.zeros((k, dim), jnp.float32),
+      jnp.zeros((k,), jnp.float32),
+      jnp.zeros((k,), jnp.int32),
+  )
   basis, values, iters = jax.lax.fori_loop(0, k, one, init)
   return values, basis, iters
+
+
+# Lanczos: carry = (basis, alphas, betas, v, v_prev, beta_prev).
+
+
+def _lanczos_init(v0, num_steps):
+  v = _normalize(v0.astype(jnp.float32))
+  zeros = jnp.zeros((num_steps,), jnp.float32)
+  return (
+      jnp.zeros((num_steps, v.shape[0]), jnp.float32), zeros, zeros, v,
+      jnp.zeros_like(v), jnp.zeros((), jnp.float32),
+  )
+
+
+def _lanczos_body(matvec, key, breakdown_tol, j, carry):
+  basis, alphas, betas, v, v_prev, beta_prev = carry
+
+  def reorth(w):
+    for _ in range(2):
+      w = w - basis.T @ (basis @ w)
+    return w
+
+  basis = basis.at[j].set(v)
+  av = matvec(v)
+  alpha = jnp.vdot(v, av)
+  w = reorth(av - alpha * v - beta_prev * v_prev)
+  beta = jnp.linalg.norm(w)
+  scale = jnp.maximum(jnp.linalg.norm(av), jnp.abs(alpha))
+  broke = beta <= breakdown_tol * scale
+  r = jax.random.normal(jax.random.fold_in(key, j), v.shape)
+  r_norm0 = jnp.linalg.norm(r)
+  r = reorth(r)
+  restart = jnp.where(
+      jnp.linalg.norm(r) > 1e-3 * r_norm0, _normalize(r), 0.0
+  )
+  v_next = jnp.where(broke, restart, w * base.safe_inverse(beta))
+  beta = jnp.where(broke, 0.0, beta)
+  return (basis, alphas.at[j].set(alpha), betas.at[j].set(beta), v_next, v, beta)
 
 
 def lanczos(
@@ -227,45 +281,13 @@ def lanczos(
   Returns:
     ``(alphas [m], betas [m-1], basis [m, dim])``.
   """
-  dim = v0.shape[0]
   key = jax.random.PRNGKey(0) if key is None else key
-  basis0 = jnp.zeros((num_steps, dim), jnp.float32)
-
-  def reorth(w, basis):
-    for _ in range(2):
-      w = w - basis.T @ (basis @ w)
-    return w
-
-  def body(j, carry):
-    basis, alphas, betas, v, v_prev, beta_prev = carry
-    basis = basis.at[j].set(v)
-    av = matvec(v)
-    alpha = jnp.vdot(v, av)
-    w = av - alpha * v - beta_prev * v_prev
-    w = reorth(w, basis)
-    beta = jnp.linalg.norm(w)
-    scale = jnp.maximum(jnp.linalg.norm(av), jnp.abs(alpha))
-    broke = beta <= breakdown_tol * scale
-    r = jax.random.normal(jax.random.fold_in(key, j), (dim,))
-    r_norm0 = jnp.linalg.norm(r)
-    r = reorth(r, basis)
-    r_ok = jnp.linalg.norm(r) > 1e-3 * r_norm0
-    restart = jnp.where(r_ok, _normalize(r), 0.0)
-    v_next = jnp.where(broke, restart, w * base.safe_inverse(beta))
-    beta = jnp.where(broke, 0.0, beta)
-    return (
-        basis,
-        alphas.at[j].set(alpha),
-        betas.at[j].set(beta),
-        v_next,
-        v,
-        beta,
-    )
-
-  v = _normalize(v0.astype(jnp.float32))
-  zeros = jnp.zeros((num_steps,), jnp.float32)
-  init = (basis0, zeros, zeros, v, jnp.zeros_like(v), jnp.zeros((), jnp.float32))
-  basis, alphas, betas, *_ = jax.lax.fori_loop(0, num_steps, body, init)
+  carry = jax.lax.fori_loop(
+      0, num_steps,
+      lambda j, c: _lanczos_body(matvec, key, breakdown_tol, j, c),
+      _lanczos_init(v0, num_steps),
+  )
+  basis, alphas, betas = carry[:3]
   return alphas, betas[:-1], basis
 
 
@@ -303,21 +325,93 @@ def hutchinson(
     key: PRNG key; probe ``k`` uses ``fold_in(key, k)``.
     num_probes: ``K``.
     probes_per_step: probes evaluated together (vectorised); ``None`` runs
-      them one at a time.
+      them one at a time; ``K`` or more runs them all at once, with no loop.
 
   Returns:
     ``(quad_samples [K], sq_norm_samples [K], diagonal [dim])``.
   """
-
-  def probe(i):
-    z = jax.random.rademacher(jax.random.fold_in(key, i), (dim,), jnp.float32)
-    az = matvec(z)
-    return jnp.vdot(z, az), jnp.vdot(az, az), z * az
-
-  quad, sq, diag = jax.lax.map(
-      probe, jnp.arange(num_probes), batch_size=probes_per_step
+  probe = lambda i: _probe_dim(matvec, dim, key, i)
+  quad, sq, diag = _data.chunked_map(
+      probe, jnp.arange(num_probes), probes_per_step
   )
   return quad, sq, jnp.mean(diag, axis=0)
+
+
+def _probe_dim(matvec, dim, key, i):
+  z = jax.random.rademacher(jax.random.fold_in(key, i), (dim,), jnp.float32)
+  az = matvec(z)
+  return jnp.vdot(z, az), jnp.vdot(az, az), z * az
+
+
+# ---------------------------------------------------------------------------
+# Host loops: the same bodies, one jit-compiled step per call from Python.
+# XLA:CPU runs convolutions inside while loops several times slower than
+# outside (jax-ml/jax#12868); ``loop="host"`` avoids device loops entirely.
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _host_power_step(loss_fn, params, batches, basis, found, state):
+  _, matvec = _flat_matvec(loss_fn, params, batches)
+  return _power_body(matvec, basis, found, state)
+
+
+_power_start_jit = jax.jit(_power_start)
+_orth_jit = jax.jit(_orth)
+
+
+def _host_power_iteration(loss_fn, params, batches, key, dim, k, max_iters, tol):
+  basis = jnp.zeros((k, dim), jnp.float32)
+  values, iters = [], []
+  for i in range(k):
+    found = (jnp.arange(k) < i).astype(jnp.float32)
+    state = _power_start_jit(key, i, basis, found)
+    while bool(_power_continue(state, max_iters, tol)):
+      state = _host_power_step(loss_fn, params, batches, basis, found, state)
+    basis = basis.at[i].set(_orth_jit(state[0], basis, found))
+    values.append(state[1])
+    iters.append(state[3])
+  return jnp.stack(values), basis, jnp.stack(iters)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _host_lanczos_step(loss_fn, params, batches, key, j, breakdown_tol, carry):
+  _, matvec = _flat_matvec(loss_fn, params, batches)
+  return _lanczos_body(matvec, key, breakdown_tol, j, carry)
+
+
+def _host_lanczos(loss_fn, params, batches, v0, m, key, breakdown_tol=1e-5):
+  carry = jax.jit(_lanczos_init, static_argnums=1)(v0, m)
+  for j in range(m):
+    carry = _host_lanczos_step(
+        loss_fn, params, batches, key, jnp.int32(j), breakdown_tol, carry
+    )
+  basis, alphas, betas = carry[:3]
+  return alphas, betas[:-1], basis
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _host_probes(loss_fn, params, batches, key, indices, dim):
+  _, matvec = _flat_matvec(loss_fn, params, batches)
+  return jax.vmap(lambda i: _probe_dim(matvec, dim, key, i))(indices)
+
+
+def _host_hutchinson(loss_fn, params, batches, key, dim, num_probes, chunk):
+  chunk = 1 if chunk is None else chunk
+  outs = [
+      _host_probes(
+          loss_fn, params, batches, key,
+          jnp.arange(start, min(start + chunk, num_probes)), dim,
+      )
+      for start in range(0, num_probes, chunk)
+  ]
+  quad, sq, diag = (jnp.concatenate(x) for x in zip(*outs))
+  return quad, sq, jnp.mean(diag, axis=0)
+
+
+def _check_loop(loop):
+  if loop not in ("lax", "host"):
+    raise ValueError(f"loop must be 'lax' or 'host', got {loop!r}.")
 
 
 # ---------------------------------------------------------------------------
@@ -353,6 +447,7 @@ def hessian_eigenpairs(
     max_iters: int = 100,
     tol: float = 1e-3,
     num_lanczos_steps: int | None = None,
+    loop: str = "lax",
 ) -> Eigenpairs:
   r"""Top-``k`` eigenvalues and eigenvectors of the loss Hessian.
 
@@ -382,6 +477,13 @@ def hessian_eigenpairs(
     max_iters: power iteration: iterations per eigenpair.
     tol: power iteration: relative change of the eigenvalue that stops.
     num_lanczos_steps: Lanczos: number of steps ``m >= k``.
+    loop: ``"lax"`` (default) runs every loop as a ``lax`` loop inside one
+      ``jax.jit`` (the function can be called inside the caller's ``jit``);
+      ``"host"`` runs the same steps from a Python loop, one compiled step
+      per Hessian-vector product. Use ``"host"`` for convolutional networks
+      on CPU, where XLA runs convolutions inside device loops several times
+      slower (jax-ml/jax#12868); compilation stays independent of the number
+      of iterations either way.
 
   Returns:
     An :class:`Eigenpairs`.
@@ -409,9 +511,20 @@ def hessian_eigenpairs(
     m = min(base.check_int("num_lanczos_steps", m, low=k), dim)
   else:
     m = 0
-  return _eigenpairs_jit(
-      loss_fn, params, batches, key, k, method, max_iters, float(tol), m
-  )
+  _check_loop(loop)
+  if loop == "lax":
+    return _eigenpairs_jit(
+        loss_fn, params, batches, key, k, method, max_iters, float(tol), m
+    )
+  if method == "power":
+    values, vectors, iters = _host_power_iteration(
+        loss_fn, params, batches, key, dim, k, max_iters, float(tol)
+    )
+    return _eigenpairs_finish(params, values, vectors, iters)
+  k0, k1 = jax.random.split(key)
+  v0 = jax.random.normal(k0, (dim,))
+  alphas, betas, basis = _host_lanczos(loss_fn, params, batches, v0, m, k1)
+  return _ritz_pairs(params, alphas, betas, basis, k)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
@@ -421,16 +534,26 @@ def _eigenpairs_jit(loss_fn, params, batches, key, k, method, max_iters, tol, m)
     values, vectors, iters = power_iteration(
         matvec, flat.dim, key, k=k, max_iters=max_iters, tol=tol
     )
-  else:
-    k0, k1 = jax.random.split(key)
-    v0 = jax.random.normal(k0, (flat.dim,))
-    alphas, betas, basis = lanczos(matvec, v0, m, key=k1)
-    nodes, u = tridiagonal_eigh(alphas, betas)
-    order = jnp.argsort(-nodes)[:k]
-    values = nodes[order]
-    vectors = jax.vmap(_normalize)((basis.T @ u[:, order]).T)
-    iters = jnp.full((k,), m, jnp.int32)
+    return _eigenpairs_finish(params, values, vectors, iters)
+  k0, k1 = jax.random.split(key)
+  v0 = jax.random.normal(k0, (flat.dim,))
+  alphas, betas, basis = lanczos(matvec, v0, m, key=k1)
+  return _ritz_pairs(params, alphas, betas, basis, k)
+
+
+@jax.jit
+def _eigenpairs_finish(params, values, vectors, iters):
+  flat = _flat_view(params)
   return Eigenpairs(values, jax.vmap(flat.unravel)(vectors), iters)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _ritz_pairs(params, alphas, betas, basis, k):
+  nodes, u = tridiagonal_eigh(alphas, betas)
+  order = jnp.argsort(-nodes)[:k]
+  vectors = jax.vmap(_normalize)((basis.T @ u[:, order]).T)
+  iters = jnp.full((k,), alphas.shape[0], jnp.int32)
+  return _eigenpairs_finish(params, nodes[order], vectors, iters)
 
 
 class TraceEstimate(NamedTuple):
@@ -463,6 +586,7 @@ def hessian_trace(
     *,
     num_probes: int = 100,
     probes_per_step: int | None = None,
+    loop: str = "lax",
 ) -> TraceEstimate:
   r"""Hessian trace (and :math:`\mathrm{tr}\,H^2`, diagonal) by Hutchinson.
 
@@ -489,7 +613,15 @@ def hessian_trace(
     key: PRNG key for the probes.
     num_probes: ``K >= 2``.
     probes_per_step: probes evaluated together with ``vmap`` (faster, more
-      memory); ``None`` evaluates one at a time.
+      memory); ``None`` evaluates one at a time; ``num_probes`` evaluates all
+      at once with no loop.
+    loop: ``"lax"`` (default) runs every loop as a ``lax`` loop inside one
+      ``jax.jit`` (the function can be called inside the caller's ``jit``);
+      ``"host"`` runs the same steps from a Python loop, one compiled step
+      per Hessian-vector product. Use ``"host"`` for convolutional networks
+      on CPU, where XLA runs convolutions inside device loops several times
+      slower (jax-ml/jax#12868); compilation stays independent of the number
+      of iterations either way.
 
   Returns:
     A :class:`TraceEstimate`.
@@ -505,22 +637,35 @@ def hessian_trace(
   if probes_per_step is not None:
     probes_per_step = base.check_int("probes_per_step", probes_per_step, low=1)
   batches = _data.as_batches(data, "hessian_trace")
-  return _trace_jit(loss_fn, params, batches, key, num_probes, probes_per_step)
+  _check_loop(loop)
+  if loop == "lax":
+    return _trace_jit(loss_fn, params, batches, key, num_probes, probes_per_step)
+  dim = _flat_view(params).dim
+  samples = _host_hutchinson(
+      loss_fn, params, batches, key, dim, num_probes, probes_per_step
+  )
+  return _trace_finish(params, *samples)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _trace_jit(loss_fn, params, batches, key, num_probes, probes_per_step):
   flat, matvec = _flat_matvec(loss_fn, params, batches)
-  quad, sq, diag = hutchinson(
+  samples = hutchinson(
       matvec, flat.dim, key, num_probes, probes_per_step=probes_per_step
   )
+  return _trace_finish(params, *samples)
+
+
+@jax.jit
+def _trace_finish(params, quad, sq, diag):
+  num_probes = quad.shape[0]
   root = jnp.sqrt(float(num_probes))
   return TraceEstimate(
       trace=jnp.mean(quad),
       trace_stderr=jnp.std(quad, ddof=1) / root,
       trace_sq=jnp.mean(sq),
       trace_sq_stderr=jnp.std(sq, ddof=1) / root,
-      diagonal=flat.unravel(diag),
+      diagonal=_flat_view(params).unravel(diag),
       num_probes=num_probes,
   )
 
@@ -561,6 +706,7 @@ def spectral_density(
     grid_size: int = 10_000,
     sigma_squared: float = 1e-5,
     margin: float = 0.01,
+    loop: str = "lax",
 ) -> SpectralDensity:
   r"""Hessian eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
@@ -600,6 +746,13 @@ def spectral_density(
     grid_size: number of grid points.
     sigma_squared: relative Gaussian smoothing variance.
     margin: grid margin beyond the extreme nodes.
+    loop: ``"lax"`` (default) runs every loop as a ``lax`` loop inside one
+      ``jax.jit`` (the function can be called inside the caller's ``jit``);
+      ``"host"`` runs the same steps from a Python loop, one compiled step
+      per Hessian-vector product. Use ``"host"`` for convolutional networks
+      on CPU, where XLA runs convolutions inside device loops several times
+      slower (jax-ml/jax#12868); compilation stays independent of the number
+      of iterations either way.
 
   Returns:
     A :class:`SpectralDensity`.
@@ -620,10 +773,46 @@ def spectral_density(
   if probe not in ("rademacher", "gaussian"):
     raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {probe!r}.")
   batches = _data.as_batches(data, "spectral_density")
-  return _density_jit(
-      loss_fn, params, batches, key, num_steps, num_runs, probe, grid_size,
+  _check_loop(loop)
+  if loop == "lax":
+    return _density_jit(
+        loss_fn, params, batches, key, num_steps, num_runs, probe, grid_size,
+        float(sigma_squared), float(margin),
+    )
+  dim = _flat_view(params).dim
+  nodes, weights = [], []
+  for r in range(num_runs):
+    v0, k1 = _slq_start(key, r, dim, probe)
+    alphas, betas, _ = _host_lanczos(loss_fn, params, batches, v0, num_steps, k1)
+    n, w = _slq_quadrature(alphas, betas)
+    nodes.append(n)
+    weights.append(w)
+  return _density_finish(
+      jnp.stack(nodes), jnp.stack(weights), dim, grid_size,
       float(sigma_squared), float(margin),
   )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _slq_start(key, r, dim, probe):
+  k0, k1 = jax.random.split(jax.random.fold_in(key, r))
+  if probe == "rademacher":
+    return jax.random.rademacher(k0, (dim,), jnp.float32), k1
+  return jax.random.normal(k0, (dim,)), k1
+
+
+@jax.jit
+def _slq_quadrature(alphas, betas):
+  nodes, u = tridiagonal_eigh(alphas, betas)
+  return nodes, u[0] ** 2
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _density_finish(nodes, weights, dim, grid_size, sigma_sq, margin):
+  grid, density, sigma = density_from_quadrature(
+      nodes, weights, grid_size=grid_size, sigma_squared=sigma_sq, margin=margin
+  )
+  return SpectralDensity(grid, density, nodes, weights, dim, sigma)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
@@ -633,21 +822,12 @@ def _density_jit(
   flat, matvec = _flat_matvec(loss_fn, params, batches)
 
   def run(r):
-    kr = jax.random.fold_in(key, r)
-    k0, k1 = jax.random.split(kr)
-    if probe == "rademacher":
-      v0 = jax.random.rademacher(k0, (flat.dim,), jnp.float32)
-    else:
-      v0 = jax.random.normal(k0, (flat.dim,))
+    v0, k1 = _slq_start(key, r, flat.dim, probe)
     alphas, betas, _ = lanczos(matvec, v0, m, key=k1)
-    nodes, u = tridiagonal_eigh(alphas, betas)
-    return nodes, u[0] ** 2
+    return _slq_quadrature(alphas, betas)
 
-  nodes, weights = jax.lax.map(run, jnp.arange(runs))
-  grid, density, sigma = density_from_quadrature(
-      nodes, weights, grid_size=grid_size, sigma_squared=sigma_sq, margin=margin
-  )
-  return SpectralDensity(grid, density, nodes, weights, flat.dim, sigma)
+  nodes, weights = _data.chunked_map(run, jnp.arange(runs), None)
+  return _density_finish(nodes, weights, flat.dim, grid_size, sigma_sq, margin)
 
 
 def density_from_quadrature(

@@ -174,7 +174,7 @@ def _slice_jit(loss_fn, error_fn, origin, directions, coords, batches, chunk):
       p = _data.tree_add_scaled(p, d, coord[i])
     return values(p)
 
-  return jax.lax.map(at, coords, batch_size=chunk)
+  return _data.chunked_map(at, coords, chunk)
 
 
 def _grid(span, num_points, name):

@@ -461,7 +461,7 @@ def _worst_jit(loss_fn, error_fn, params, batches, rho, step0, cfg):
 def _map_with_delta(one_subset, batches, chunk):
   total, per_group = None, []
   for group, (_, size) in zip(batches.groups, batches.group_shapes):
-    out = jax.lax.map(one_subset, group, batch_size=chunk)
+    out = _data.chunked_map(one_subset, group, chunk)
     per_group.append(out)
     s = jax.tree.map(lambda o: size * jnp.sum(o, axis=0), out[0])
     total = s if total is None else jax.tree.map(jnp.add, total, s)
@@ -600,7 +600,7 @@ def _average_jit(loss_fn, error_fn, params, batches, key, rho, cfg):
   total, offset, n_sub = None, 0, 0
   for group, (nb, size) in zip(batches.groups, batches.group_shapes):
     idx = jnp.arange(offset, offset + nb)
-    out = jax.lax.map(one_subset, (idx, group), batch_size=chunk)
+    out = _data.chunked_map(one_subset, (idx, group), chunk)
     s = jax.tree.map(lambda o: size * jnp.sum(o, axis=0), out)
     total = s if total is None else jax.tree.map(jnp.add, total, s)
     offset += nb
