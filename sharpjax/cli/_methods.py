@@ -1,0 +1,274 @@
+"""The method registry: one entry per training method of the command line.
+
+A :class:`Method` knows its hyper-parameters with their defaults and builds
+the sharpjax transformation that goes in front of the base optimizer (None for
+plain SGD). Adding a variant to the command line is one :func:`register` call
+at the bottom of this module.
+
+Hyper-parameters resolve in this order: the method's default, then a global
+flag (``--rho``, ``--strength``, ...) if the method has that parameter, then a
+``--set METHOD.PARAM=VALUE`` override. The value ``"auto"`` is resolved from
+the run's budget (:class:`Budget`) by :func:`resolve`:
+
+- SAF ``start_epoch`` = ``max(1, epochs // 6)`` and ``delay_epochs`` =
+  ``clip(epochs // 10, 1, 3)``: the paper's 5 and 3 at 30 epochs, scaled down
+  for shorter runs so the penalty is on for most of training. (The paper's
+  CIFAR runs are 200 epochs; its 5/3 would leave a 10-epoch run almost
+  unregularised.) The penalty starts at epoch ``max(start_epoch,
+  delay_epochs)``, the first with a recorded target.
+- MESA ``start_epoch`` as SAF's; ``decay`` such that the EMA horizon
+  ``1 / (1 - decay)`` is 1/16 of the run's steps, the paper's share
+  (0.9998, a 5,000-step horizon, in a 78,000-step CIFAR run). The paper's
+  0.9998 in a 1,000-step run would keep the teacher at the initialisation.
+- SSAM ``update_every`` = one epoch of steps (the paper refreshes the mask
+  every 1 to 5 epochs); AUSAM ``transition_steps`` = 15% of the run (the
+  paper's 30 of 200 epochs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Mapping, Optional
+
+import optax
+
+import sharpjax as sj
+
+AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What a method may need to know about the run to be built.
+
+  Attributes:
+    num_examples: training-set size (SAF's bank rows, AUSAM's score table).
+    num_classes: number of classes (SAF's bank width).
+    steps_per_epoch: optimizer steps per epoch.
+    epochs: number of epochs of the run.
+    seed: the run's seed (for methods that keep a PRNG key).
+  """
+
+  num_examples: int
+  num_classes: int
+  steps_per_epoch: int
+  epochs: int
+  seed: int = 0
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps_per_epoch * self.epochs
+
+
+Hyper = Mapping[str, Any]
+Builder = Callable[[Hyper, Budget], Optional[optax.GradientTransformation]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One entry of the registry.
+
+  Attributes:
+    name: the command-line name (``--methods NAME``).
+    summary: one line for ``--help``: what it is and its cost per step.
+    defaults: hyper-parameter name -> default (``"auto"``: from the budget).
+    build: ``build(hyper, budget)`` -> the transformation chained in front of
+      the base optimizer, or None (plain SGD).
+    reference: "Author et al., Title, venue year", for the report.
+  """
+
+  name: str
+  summary: str
+  defaults: Mapping[str, Any]
+  build: Builder
+  reference: str = ""
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  """Adds ``method`` to the registry (its name must be new)."""
+  if method.name in _REGISTRY:
+    raise ValueError(f"method {method.name!r} is already registered.")
+  _REGISTRY[method.name] = method
+  return method
+
+
+def names() -> list[str]:
+  """Registered method names, in registration order."""
+  return list(_REGISTRY)
+
+
+def unknown_name_message(kind: str, name: str, valid) -> str:
+  """``unknown method 'x'; valid: a, b (did you mean ...?)``."""
+  valid = list(valid)
+  msg = f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}"
+  close = difflib.get_close_matches(name, valid, n=1)
+  if close:
+    msg += f" (did you mean {close[0]!r}?)"
+  return msg + "."
+
+
+def get(name: str) -> Method:
+  """The registered method ``name``; a ``ValueError`` lists the valid ones."""
+  if name not in _REGISTRY:
+    raise ValueError(unknown_name_message("method", name, _REGISTRY))
+  return _REGISTRY[name]
+
+
+def all_hyper_names() -> list[str]:
+  """Every hyper-parameter name any registered method has (sorted)."""
+  return sorted({k for m in _REGISTRY.values() for k in m.defaults})
+
+
+def resolve(method: Method, budget: Budget, flags: Mapping[str, Any],
+            overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """The method's hyper-parameters for this run, ``"auto"`` resolved.
+
+  Args:
+    method: the registry entry.
+    budget: the run's budget.
+    flags: global flag values (``None``: not given); only the names the
+      method has are used.
+    overrides: ``PARAM -> value`` from ``--set METHOD.PARAM=VALUE``; a name
+      the method does not have raises ``ValueError`` listing the valid ones.
+
+  Returns:
+    ``PARAM -> value`` with every default replaced as described in the module
+    docstring.
+  """
+  hyper = dict(method.defaults)
+  for k, v in flags.items():
+    if k in hyper and v is not None:
+      hyper[k] = v
+  for k, v in overrides.items():
+    if k not in hyper:
+      valid = ", ".join(sorted(hyper)) or "(none)"
+      raise ValueError(
+          f"method {method.name!r} has no hyper-parameter {k!r}; its "
+          f"hyper-parameters are: {valid}.")
+    hyper[k] = v
+  e, spe = budget.epochs, budget.steps_per_epoch
+  auto = {
+      "start_epoch": max(1, e // 6),
+      "delay_epochs": min(3, max(1, e // 10)),
+      "decay": 1.0 - 1.0 / max(2.0, budget.total_steps / 16.0),
+      "update_every": spe,
+      "transition_steps": int(round(0.15 * budget.total_steps)),
+  }
+  for k, v in hyper.items():
+    if isinstance(v, str) and v == AUTO:
+      if k not in auto:
+        raise ValueError(f"{method.name}.{k}: 'auto' is not supported.")
+      hyper[k] = auto[k]
+  for k in ("start_epoch", "delay_epochs", "update_every", "transition_steps",
+            "k", "num_chunks", "num_fisher_samples"):
+    if k in hyper:
+      v = hyper[k]
+      if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"{method.name}.{k} must be an integer, got {v!r}.")
+      hyper[k] = int(v)
+  return hyper
+
+
+def build(method: Method, hyper: Hyper,
+          budget: Budget) -> Optional[optax.GradientTransformation]:
+  """``method.build(hyper, budget)``, the ``ValueError`` prefixed by the name."""
+  try:
+    return method.build(hyper, budget)
+  except ValueError as e:
+    raise ValueError(f"method {method.name!r}: {e}") from e
+
+
+# ---------------------------------------------------------------------------
+# The entries. One method, one register() call.
+# ---------------------------------------------------------------------------
+
+register(Method(
+    "sgd", "plain SGD with momentum: the baseline (1 forward-backward)",
+    {}, lambda h, b: None))
+register(Method(
+    "sam", "SAM: gradient at the worst point in an L2 ball (2 fwd-bwd)",
+    {"rho": 0.05}, lambda h, b: sj.sam(rho=h["rho"]),
+    "Foret et al., Sharpness-Aware Minimization for Efficiently Improving "
+    "Generalization, ICLR 2021"))
+register(Method(
+    "asam", "ASAM: SAM in a weight-scaled ellipsoid (2 fwd-bwd)",
+    {"rho": 0.5, "eta": 0.01}, lambda h, b: sj.asam(rho=h["rho"], eta=h["eta"]),
+    "Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization, ICML 2021"))
+register(Method(
+    "gsam", "GSAM: SAM plus an ascent on the surrogate gap (2 fwd-bwd)",
+    {"rho": 0.05, "alpha": 0.1},
+    lambda h, b: sj.gsam(rho=h["rho"], alpha=h["alpha"]),
+    "Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, "
+    "ICLR 2022"))
+register(Method(
+    "looksam", "LookSAM: a full SAM step every k steps, reuse between "
+    "(~1 + 1/k fwd-bwd)",
+    {"rho": 0.05, "k": 5, "alpha": 0.7},
+    lambda h, b: sj.looksam(rho=h["rho"], k=h["k"], alpha=h["alpha"]),
+    "Liu et al., Towards Efficient and Scalable Sharpness-Aware "
+    "Minimization, CVPR 2022"))
+register(Method(
+    "fsam", "F-SAM: SAM without the full-gradient component (2 fwd-bwd)",
+    {"rho": 0.05, "sigma": 1.0, "lam": 0.95},
+    lambda h, b: sj.fsam(rho=h["rho"], sigma=h["sigma"], lam=h["lam"]),
+    "Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024"))
+register(Method(
+    "msam", "mSAM: SAM on num_chunks micro-batches, averaged (2 fwd-bwd)",
+    {"rho": 0.05, "num_chunks": 8},
+    lambda h, b: sj.msam(rho=h["rho"], num_chunks=h["num_chunks"]),
+    "Behdin et al., mSAM: Micro-Batch-Averaged Sharpness-Aware "
+    "Minimization, 2023"))
+register(Method(
+    "esam", "ESAM: random weight subset + top-gamma data subset "
+    "(~1.5-1.8 fwd-bwd)",
+    {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    lambda h, b: sj.esam(rho=h["rho"], beta=h["beta"], gamma=h["gamma"],
+                         seed=b.seed),
+    "Du et al., Efficient Sharpness-aware Minimization for Improved "
+    "Training of Neural Networks, ICLR 2022"))
+register(Method(
+    "ssam", "SSAM: SAM on a Fisher-chosen sparse weight mask (2 fwd-bwd)",
+    {"rho": 0.05, "sparsity": 0.5, "mask": "fisher",
+     "num_fisher_samples": 128, "update_every": AUTO},
+    lambda h, b: sj.ssam(rho=h["rho"], sparsity=h["sparsity"], mask=h["mask"],
+                         num_fisher_samples=h["num_fisher_samples"],
+                         update_every=h["update_every"], seed=b.seed),
+    "Mi et al., Make Sharpness-Aware Minimization Stronger: A Sparsified "
+    "Perturbation Approach, NeurIPS 2022"))
+register(Method(
+    "ausam", "AUSAM: SAM on a score-sampled share of the batch "
+    "(~2*keep fwd-bwd)",
+    {"rho": 0.05, "keep": 0.5, "f_min": 0.1, "f_max": 0.5,
+     "transition_steps": AUTO},
+    lambda h, b: sj.ausam(rho=h["rho"], keep=h["keep"], f_min=h["f_min"],
+                          f_max=h["f_max"],
+                          transition_steps=h["transition_steps"],
+                          num_examples=b.num_examples, seed=b.seed),
+    "Deng et al., Asymptotic Unbiased Sample Sampling to Speed Up "
+    "Sharpness-Aware Minimization, AAAI 2025"))
+register(Method(
+    "saf", "SAF: KL to each example's logits of delay_epochs ago "
+    "(1 fwd-bwd + a logit bank)",
+    {"strength": 0.3, "temperature": 5.0, "delay_epochs": AUTO,
+     "start_epoch": AUTO},
+    lambda h, b: sj.saf(num_examples=b.num_examples,
+                        num_classes=b.num_classes,
+                        steps_per_epoch=b.steps_per_epoch,
+                        delay_epochs=h["delay_epochs"],
+                        temperature=h["temperature"], strength=h["strength"],
+                        start_epoch=h["start_epoch"]),
+    "Du et al., Sharpness-Aware Training for Free, NeurIPS 2022"))
+register(Method(
+    "mesa", "MESA: KL to an EMA teacher (1 fwd-bwd + 1 teacher forward)",
+    {"strength": 0.8, "temperature": 5.0, "decay": AUTO, "start_epoch": AUTO},
+    lambda h, b: sj.mesa(decay=h["decay"], temperature=h["temperature"],
+                         strength=h["strength"], start_epoch=h["start_epoch"],
+                         steps_per_epoch=b.steps_per_epoch),
+    "Du et al., Sharpness-Aware Training for Free, NeurIPS 2022"))
+
+# The default of `sharpjax compare --methods`: every registered method.
+DEFAULT_COMPARE = tuple(names())

@@ -1,0 +1,381 @@
+"""Training runs over :func:`sharpjax.training.make_trainer`.
+
+One :class:`MethodRunner` per method builds the optax chain and the jitted
+step once; every seed reuses them, so a method compiles once per command. A
+run is a loop over :meth:`sharpjax.data.DataLoader.batch` from any step (the
+data order of epoch ``e`` depends on ``(seed, e)`` only, so a resumed run sees
+the batches the uninterrupted one would), with
+
+- metrics fetched every few steps and checked: a NaN or infinite loss raises
+  :class:`NonFiniteLoss` naming the step;
+- the test set evaluated at the end of every epoch;
+- the time per step measured after compilation: the first step of a runner
+  (which compiles) is timed apart, the others per epoch; the figure kept is
+  the median over epochs of (epoch time / steps), host data assembly included;
+- an optional ``on_step(state, step, progress)`` hook (checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sharpjax as sj
+from sharpjax import training
+from sharpjax._src import base
+from sharpjax.cli import _methods
+from sharpjax.cli import _setup
+
+_SYNC_EVERY = 10
+
+
+class NonFiniteLoss(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run is: what a checkpoint stores besides the train state.
+
+  Attributes:
+    step: steps taken.
+    history: one dict per finished epoch (``epoch``, ``train_loss``,
+      ``train_accuracy``, ``test_loss``, ``test_accuracy``).
+    loss_sum, acc_sum, count: running sums over the current epoch's steps.
+  """
+
+  step: int = 0
+  history: list = dataclasses.field(default_factory=list)
+  loss_sum: float = 0.0
+  acc_sum: float = 0.0
+  count: int = 0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Progress":
+    return cls(step=int(d["step"]), history=list(d["history"]),
+               loss_sum=float(d["loss_sum"]), acc_sum=float(d["acc_sum"]),
+               count=int(d["count"]))
+
+
+@dataclasses.dataclass
+class RunResult:
+  """One (method, seed) run."""
+
+  method: str
+  seed: int
+  hyper: dict
+  history: list
+  steps: int
+  ms_per_step: float
+  compile_s: float
+  wall_s: float
+  peak_rss_mib: float
+  state_bytes: int
+  sharpness: Optional[float] = None
+
+  @property
+  def final(self) -> dict:
+    return self.history[-1] if self.history else {}
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def peak_rss_mib() -> float:
+  """Peak resident memory of this process so far (MiB)."""
+  kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  if sys.platform == "darwin":  # bytes there
+    kib /= 1024
+  return kib / 1024.0
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(np.dtype(x.dtype).itemsize * math.prod(np.shape(x))
+                 for x in jax.tree.leaves(tree)))
+
+
+def base_optimizer(config: _setup.Config,
+                   total_steps: int) -> optax.GradientTransformation:
+  """SGD with momentum, a cosine learning rate and optional weight decay."""
+  warmup = config.warmup_epochs * max(1, total_steps // config.epochs)
+  if warmup:
+    lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
+                                            max(total_steps, warmup + 1))
+  else:
+    lr = optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+  parts = []
+  if config.weight_decay:
+    parts.append(optax.add_decayed_weights(config.weight_decay))
+  parts.append(optax.sgd(lr, momentum=config.momentum or None))
+  return optax.chain(*parts)
+
+
+def _reseed(tree: Any, seed: int) -> Any:
+  """Sets every ``key`` field of the states in ``tree`` to ``seed``'s key.
+
+  The methods that keep a PRNG key (ESAM, SSAM, AUSAM) store
+  ``base.init_key_data(seed)`` in a ``key`` field at ``init``; the runner
+  builds them once with seed 0 and gives each run its own key here, which is
+  what building them with ``seed=`` that seed gives.
+  """
+  if hasattr(tree, "_fields") and hasattr(tree, "_replace"):
+    kids = {f: _reseed(getattr(tree, f), seed) for f in tree._fields}
+    if "key" in tree._fields:
+      kids["key"] = base.init_key_data(seed)
+    return tree._replace(**kids)
+  if isinstance(tree, tuple):
+    return tuple(_reseed(t, seed) for t in tree)
+  if isinstance(tree, list):
+    return [_reseed(t, seed) for t in tree]
+  if isinstance(tree, dict):
+    return {k: _reseed(v, seed) for k, v in tree.items()}
+  return tree
+
+
+class MethodRunner:
+  """One method's optax chain and jitted step, shared by all its seeds.
+
+  Args:
+    env: data, model and budget.
+    method: registry name.
+    flags: global hyper-parameter flags (None: the method's default).
+    overrides: ``PARAM -> value`` for this method (``--set``).
+  """
+
+  def __init__(self, env: _setup.Env, method: str,
+               flags: Mapping[str, Any] = (), overrides: Mapping[str, Any] = ()):
+    self.env = env
+    self.method = _methods.get(method)
+    budget = env.budget(seed=0)
+    self.hyper = _methods.resolve(self.method, budget, dict(flags),
+                                  dict(overrides))
+    pre = _methods.build(self.method, self.hyper, budget)
+    base_tx = base_optimizer(env.config, budget.total_steps)
+    self.tx = base_tx if pre is None else optax.chain(pre, base_tx)
+    # The batches come from DataLoader over a checked ArrayDataset, so the
+    # per-step host validation is skipped.
+    self.trainer = training.make_trainer(env.model, self.tx, validate=False)
+    self._compiled = False
+    self.compile_s = 0.0
+
+  @property
+  def total_steps(self) -> int:
+    return self.env.steps_per_epoch * self.env.config.epochs
+
+  def init_state(self, seed: int) -> training.TrainState:
+    """A fresh state for ``seed``.
+
+    The parameters come from :meth:`Env.initial_params` (one compiled model
+    init for every method, so methods with the same seed start from the same
+    weights); the optimizer state is ``tx.init`` of them, MESA's teacher
+    also tracks the model state, and the methods' own PRNG keys are seeded
+    with ``seed`` (:func:`_reseed`). This is the state
+    ``make_trainer(...).init`` builds, without compiling a model init per
+    method.
+    """
+    params, model_state, rng = self.env.initial_params(seed)
+    opt_state = self.tx.init(params)
+    traj = sj.find_trajectory_state(opt_state)
+    float_state = training._teacher_part(model_state)  # pylint: disable=protected-access
+    if isinstance(traj, sj.MESAState) and float_state:
+      opt_state = sj.init_teacher_model_state(opt_state, float_state)
+    # Eager tx.init may alias the parameters (MESA's float32 teacher of
+    # float32 weights); the step donates its state, so every leaf is copied.
+    opt_state = jax.tree.map(lambda x: jnp.array(x, copy=True),
+                             _reseed(opt_state, seed))
+    return training.TrainState(jnp.zeros([], jnp.int32), params, model_state,
+                               opt_state, rng)
+
+  def evaluate(self, state) -> dict:
+    return self.env.evaluate(state.params, state.model_state)
+
+  def run(
+      self,
+      seed: int,
+      state: Optional[training.TrainState] = None,
+      progress: Optional[Progress] = None,
+      *,
+      stop_at: Optional[int] = None,
+      on_step: Optional[Callable[[Any, Progress], None]] = None,
+      sync_every: Optional[int] = None,
+      show_progress: bool = False,
+      label: str = "",
+  ) -> tuple[training.TrainState, Progress, dict]:
+    """Trains from ``progress.step`` to ``stop_at`` (default: the end).
+
+    Args:
+      seed: the run's seed (model init, data order, the method's own key).
+      state: the state to continue from (None: a fresh ``init_state``).
+      progress: where ``state`` is (None: step 0).
+      stop_at: stop after this many steps in total (for interrupted runs).
+      on_step: ``on_step(state, progress)`` after every step whose metrics
+        have been checked (every few steps, every multiple of ``sync_every``,
+        and at epoch ends after the evaluation); it may save.
+      sync_every: also check the metrics (and call ``on_step``) at every
+        multiple of this many steps.
+      show_progress: draw a tqdm bar.
+      label: the bar's description.
+
+    Returns:
+      ``(state, progress, timing)`` with ``timing`` holding ``epoch_ms``
+      (per-step milliseconds of each timed epoch), ``compile_s``, ``wall_s``.
+
+    Raises:
+      NonFiniteLoss: the loss became NaN or infinite; the message names the
+        step (1-based count of steps taken) and the epoch.
+    """
+    if state is None:
+      state = self.init_state(seed)
+    progress = progress or Progress()
+    spe = self.env.steps_per_epoch
+    total = self.total_steps
+    end = total if stop_at is None else min(stop_at, total)
+    loader = self.env.loader(seed)
+    bar = _bar(show_progress, label, total, progress.step)
+    epoch_ms = []
+    t_start = time.perf_counter()
+    pending: list = []
+    try:
+      while progress.step < end:
+        epoch, pos = divmod(progress.step, spe)
+        last = min(spe, pos + end - progress.step)
+        t0, timed = time.perf_counter(), 0
+        for i in range(pos, last):
+          batch = loader.batch(epoch, i)
+          if not self._compiled:
+            tc = time.perf_counter()
+            state, metrics = self.trainer.step(state, batch)
+            jax.block_until_ready(metrics)
+            self.compile_s = time.perf_counter() - tc
+            self._compiled = True
+            t0 = time.perf_counter()
+          else:
+            state, metrics = self.trainer.step(state, batch)
+            timed += 1
+          pending.append(metrics)
+          n = progress.step + len(pending)
+          if (len(pending) >= _SYNC_EVERY or i == last - 1
+              or (sync_every and n % sync_every == 0)):
+            self._flush(pending, progress, epoch, bar)
+            pending = []
+            if on_step is not None and i != spe - 1:
+              on_step(state, progress)
+        jax.block_until_ready(state.params)
+        if timed:
+          epoch_ms.append(1e3 * (time.perf_counter() - t0) / timed)
+        if last == spe:
+          row = {"epoch": epoch + 1,
+                 "train_loss": progress.loss_sum / max(progress.count, 1),
+                 "train_accuracy": progress.acc_sum / max(progress.count, 1)}
+          row.update(self.evaluate(state))
+          progress.history.append(row)
+          progress.loss_sum = progress.acc_sum = 0.0
+          progress.count = 0
+          if bar is not None:
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                            test_acc=f"{row['test_accuracy']:.3f}")
+          if on_step is not None:
+            on_step(state, progress)
+    finally:
+      if bar is not None:
+        bar.close()
+    timing = {"epoch_ms": epoch_ms, "compile_s": self.compile_s,
+              "wall_s": time.perf_counter() - t_start}
+    return state, progress, timing
+
+  def _flush(self, pending, progress: Progress, epoch: int, bar) -> None:
+    values = jax.device_get([(m["loss"], m["accuracy"], m.get("penalty", 0.0))
+                             for m in pending])
+    for loss, acc, pen in values:
+      step = progress.step + 1
+      if not (np.isfinite(loss) and np.isfinite(pen)):
+        what = "loss" if not np.isfinite(loss) else "SAF/MESA penalty"
+        raise NonFiniteLoss(
+            f"{self.method.name}: the training {what} became "
+            f"{float(loss if what == 'loss' else pen)} at step {step} "
+            f"(epoch {epoch + 1}); the run is stopped. Lower --lr (now "
+            f"{self.env.config.lr}) or the method's radius/strength.")
+      progress.step = step
+      progress.loss_sum += float(loss)
+      progress.acc_sum += float(acc)
+      progress.count += 1
+    if bar is not None:
+      bar.update(len(values))
+      bar.set_postfix(loss=f"{float(values[-1][0]):.3f}",
+                      acc=f"{float(values[-1][1]):.3f}", refresh=False)
+
+
+def _bar(show: bool, label: str, total: int, initial: int):
+  if not show:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc=label, unit="step",
+              leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Sharpness at the end of a run.
+# ---------------------------------------------------------------------------
+
+
+class SharpnessProbe:
+  """Top Hessian eigenvalue of the training loss (model in eval mode).
+
+  One probe per command: its ``loss_fn`` is one function object, so the
+  measure compiles once for all methods with the same parameter shapes.
+  """
+
+  def __init__(self, env: _setup.Env, num_examples: int):
+    n = min(num_examples, len(env.train))
+    self.batch = {"x": jnp.asarray(env.train.x[:n]),
+                  "y": jnp.asarray(env.train.y[:n])}
+    model = env.model
+
+    def loss_fn(params_and_state, batch):
+      params, model_state = params_and_state
+      logits = model.apply({"params": params, **model_state}, batch["x"],
+                           train=False)
+      return training.softmax_cross_entropy(logits, batch["y"])
+
+    self.loss_fn = loss_fn
+
+  def top_eigenvalue(self, state, seed: int = 0, max_iters: int = 20) -> float:
+    from sharpjax import measures  # pylint: disable=g-import-not-at-top
+    params = state.params
+    fixed = state.model_state
+    loss = lambda p, b: self.loss_fn((p, fixed), b)
+    if not jax.tree.leaves(fixed):
+      loss = self._stateless
+    r = measures.hessian_eigenpairs(loss, params, self.batch,
+                                    jax.random.PRNGKey(seed), k=1,
+                                    max_iters=max_iters, tol=1e-3)
+    return float(r.eigenvalues[0])
+
+  def _stateless(self, params, batch):
+    return self.loss_fn((params, {}), batch)
+
+
+def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
+                  timing: dict, state, sharpness: Optional[float]) -> RunResult:
+  ms = timing["epoch_ms"]
+  return RunResult(
+      method=method, seed=seed, hyper=dict(hyper), history=progress.history,
+      steps=progress.step,
+      ms_per_step=float(np.median(ms)) if ms else float("nan"),
+      compile_s=float(timing["compile_s"]), wall_s=float(timing["wall_s"]),
+      peak_rss_mib=peak_rss_mib(),
+      state_bytes=tree_bytes((state.params, state.model_state,
+                              state.opt_state)),
+      sharpness=sharpness)

@@ -1,0 +1,232 @@
+"""The run configuration and the data / model registries of the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from sharpjax.cli import _methods
+
+_EVAL_CHUNK = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a training run except the method and the seed.
+
+  Two runs with equal configs, method, hyper-parameters and seed compute the
+  same thing; a checkpoint records it and ``--resume`` refuses a different one.
+
+  Attributes:
+    data: data set name (see :data:`DATA`).
+    num_examples: examples to generate or keep (train + test for mnist1d and
+      synthetic; a training subset for digits); None for the source's default.
+    label_noise: fraction of training labels replaced (symmetric noise).
+    model: model name (see :data:`MODELS`).
+    width: the model's width (CNN1D channels, MLP hidden units).
+    batch_size: examples per step.
+    epochs: epochs of the run.
+    lr: peak learning rate of the cosine schedule.
+    momentum: SGD momentum.
+    weight_decay: decoupled L2 added to the update (0: none).
+    warmup_epochs: linear warm-up of the learning rate.
+    sharpness_examples: training examples the Hessian measures use.
+  """
+
+  data: str = "mnist1d"
+  num_examples: Optional[int] = None
+  label_noise: float = 0.0
+  model: str = "cnn1d"
+  width: Optional[int] = None
+  batch_size: int = 128
+  epochs: int = 30
+  lr: float = 0.05
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  warmup_epochs: int = 0
+  sharpness_examples: int = 500
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Config":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+# ---------------------------------------------------------------------------
+# Data and models: name -> builder. One entry each.
+# ---------------------------------------------------------------------------
+
+
+def _mnist1d(n: Optional[int]):
+  from sharpjax import data  # pylint: disable=g-import-not-at-top
+  return data.load_mnist1d(5000 if n is None else n)
+
+
+def _digits(n: Optional[int]):
+  from sharpjax import data  # pylint: disable=g-import-not-at-top
+  train, test = data.load_digits()
+  return data.Splits(train if n is None else train.subset(n), test)
+
+
+def _synthetic(n: Optional[int]):
+  from sharpjax import data  # pylint: disable=g-import-not-at-top
+  n = 2000 if n is None else n
+  full = data.make_synthetic(n, input_shape=(40,), num_classes=10, noise=2.0)
+  n_train = int(0.8 * n)
+  return data.Splits(
+      data.ArrayDataset(full.x[:n_train], full.y[:n_train], 10,
+                        name="synthetic/train"),
+      data.ArrayDataset(full.x[n_train:], full.y[n_train:], 10,
+                        name="synthetic/test"))
+
+
+DATA: dict[str, tuple[Callable[[Optional[int]], Any], str]] = {
+    "mnist1d": (_mnist1d, "MNIST-1D, generated offline (default 5,000 "
+                "examples: 4,000 train / 1,000 test, 40 x 1 signals)"),
+    "digits": (_digits, "scikit-learn's 8x8 digits (1,437 train / 360 test)"),
+    "synthetic": (_synthetic, "Gaussian blobs, 40 inputs, 10 classes (tests)"),
+}
+
+
+def _cnn1d(num_classes: int, width: Optional[int]):
+  from sharpjax import models  # pylint: disable=g-import-not-at-top
+  return models.CNN1D(num_classes=num_classes, channels=width or 25)
+
+
+def _mlp(num_classes: int, width: Optional[int]):
+  from sharpjax import models  # pylint: disable=g-import-not-at-top
+  w = width or 100
+  return models.MLP(features=(w, w), num_classes=num_classes)
+
+
+MODELS: dict[str, tuple[Callable[[int, Optional[int]], Any], str]] = {
+    "cnn1d": (_cnn1d, "MNIST-1D's 1D CNN (3 strided convolutions, width 25: "
+              "5,210 parameters)"),
+    "mlp": (_mlp, "two hidden layers of width 100 (15,210 parameters on "
+            "MNIST-1D)"),
+}
+
+
+def check_names(config: Config, methods=()) -> None:
+  """Raises ``ValueError`` listing the valid names for an unknown one."""
+  if config.data not in DATA:
+    raise ValueError(_methods.unknown_name_message("data set", config.data,
+                                                   DATA))
+  if config.model not in MODELS:
+    raise ValueError(_methods.unknown_name_message("model", config.model,
+                                                   MODELS))
+  for m in methods:
+    _methods.get(m)
+
+
+@dataclasses.dataclass
+class Env:
+  """The data, model and budget shared by every run of one command."""
+
+  config: Config
+  train: Any
+  test: Any
+  model: Any
+  steps_per_epoch: int
+  _initial: dict = dataclasses.field(default_factory=dict, repr=False)
+  _init_fn: Any = dataclasses.field(default=None, repr=False)
+  _eval_fn: Any = dataclasses.field(default=None, repr=False)
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.train.num_classes)
+
+  def budget(self, seed: int = 0) -> _methods.Budget:
+    return _methods.Budget(num_examples=len(self.train),
+                           num_classes=self.num_classes,
+                           steps_per_epoch=self.steps_per_epoch,
+                           epochs=self.config.epochs, seed=seed)
+
+  def initial_params(self, seed: int):
+    """``(params, model_state, rng)`` of ``seed``: fresh device arrays.
+
+    The model is initialised once per seed by one jitted function shared by
+    every method (host copies are cached; every call returns new buffers,
+    since a training step donates its state).
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    if seed not in self._initial:
+      if self._init_fn is None:
+        model, x = self.model, self.train.x[:1]
+
+        def init(rng):
+          k_model, k_rng = jax.random.split(rng)
+          k_params, k_dropout = jax.random.split(k_model)
+          variables = dict(model.init({"params": k_params,
+                                       "dropout": k_dropout}, x, train=False))
+          params = variables.pop("params")
+          return params, variables, k_rng
+
+        self._init_fn = jax.jit(init)
+      self._initial[seed] = jax.device_get(
+          self._init_fn(jax.random.PRNGKey(seed)))
+    return jax.tree.map(jax.numpy.array, self._initial[seed])
+
+  def evaluate(self, params, model_state) -> dict:
+    """Test loss and accuracy (model in eval mode), one compiled function."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from sharpjax import training  # pylint: disable=g-import-not-at-top
+    if self._eval_fn is None:
+      model = self.model
+
+      def sums(params, model_state, x, y):
+        logits = model.apply({"params": params, **model_state}, x,
+                             train=False)
+        losses = training.softmax_cross_entropy(logits, y)
+        correct = jnp.argmax(logits, -1) == y
+        return jnp.sum(losses), jnp.sum(correct.astype(jnp.float32))
+
+      self._eval_fn = jax.jit(sums)
+    n = len(self.test)
+    loss = acc = 0.0
+    for i in range(0, n, _EVAL_CHUNK):
+      l, a = jax.device_get(self._eval_fn(
+          params, model_state, self.test.x[i:i + _EVAL_CHUNK],
+          self.test.y[i:i + _EVAL_CHUNK]))
+      loss += float(l)
+      acc += float(a)
+    return {"test_loss": loss / n, "test_accuracy": acc / n}
+
+  def loader(self, seed: int):
+    from sharpjax import data  # pylint: disable=g-import-not-at-top
+    return data.DataLoader(self.train, batch_size=self.config.batch_size,
+                           seed=seed, prefetch=0)
+
+
+def make_env(config: Config) -> Env:
+  """Loads the data and builds the model of ``config``."""
+  check_names(config)
+  from sharpjax import data  # pylint: disable=g-import-not-at-top
+  train, test = DATA[config.data][0](config.num_examples)
+  if config.label_noise:
+    train = data.add_label_noise(train, config.label_noise, seed=0)
+  if config.batch_size > len(train):
+    raise ValueError(
+        f"--batch-size {config.batch_size} is larger than the training set "
+        f"({len(train)} examples).")
+  model = MODELS[config.model][0](int(train.num_classes), config.width)
+  steps = len(train) // config.batch_size
+  return Env(config, train, test, model, steps)
+
+
+def check_finite_config(config: Config) -> None:
+  for name in ("lr", "momentum", "weight_decay", "label_noise"):
+    v = getattr(config, name)
+    if not np.isfinite(v) or v < 0:
+      raise ValueError(f"--{name.replace('_', '-')} must be a finite number "
+                       f">= 0, got {v}.")
+  if config.epochs < 1:
+    raise ValueError(f"--epochs must be >= 1, got {config.epochs}.")
+  if config.batch_size < 1:
+    raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}.")
