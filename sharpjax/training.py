@@ -237,6 +237,7 @@ def make_trainer(
     num_classes: Optional[int] = None,
     train_kwarg: Optional[str] = "train",
     rng_names: Sequence[str] = ("dropout",),
+    shard_saf_bank: bool = False,
     donate: bool = True,
     validate: bool = True,
 ) -> Trainer:
@@ -261,8 +262,8 @@ def make_trainer(
   Parallelism (pick at most one):
 
   - ``mesh``: ``jit`` with the batch sharded over ``mesh``'s ``data_axis`` and
-    the whole state replicated (so the SAF bank is one global bank), state
-    buffers donated. Gradients and BatchNorm statistics are global, so the
+    the whole state replicated (so the SAF bank is one global bank; see
+    ``shard_saf_bank`` to shard it by example), state buffers donated. Gradients and BatchNorm statistics are global, so the
     result equals the single-device run up to float reassociation.
   - ``axis_name``: ``jax.pmap`` over ``devices`` (default: all local devices)
     with that axis name; the state is replicated, each batch split into
@@ -297,6 +298,13 @@ def make_trainer(
     train_kwarg: the keyword of the linen model's train/eval switch (None if
       it has none).
     rng_names: linen rng collections to feed per step (default dropout).
+    shard_saf_bank: with ``mesh``, shard SAF's logit bank (and its epoch
+      stamps) over the data axis by example (``PartitionSpec(None,
+      data_axis)``) instead of replicating it: each device holds
+      ``1/num_devices`` of the bank and only batch-sized rows cross devices.
+      The bank's ``num_examples`` must then be a multiple of the data axis
+      size (round it up; ids stay below the true data set size), else
+      ``init`` raises.
     donate: donate the state buffers to ``step``.
     validate: check each batch on the host before the step (keys, batch size,
       input rank, label range); the label check reads the labels, so on
@@ -328,6 +336,8 @@ def make_trainer(
   if per_device_perturbation and axis_name is None:
     raise ValueError("make_trainer: per_device_perturbation needs axis_name= "
                      "(it is a pmap behaviour).")
+  if shard_saf_bank and mesh is None:
+    raise ValueError("make_trainer: shard_saf_bank needs mesh=.")
   if mesh is not None and data_axis not in mesh.axis_names:
     raise ValueError(
         f"make_trainer: data_axis {data_axis!r} is not an axis of the mesh "
@@ -469,12 +479,45 @@ def make_trainer(
     P = jax.sharding.PartitionSpec
     replicated = jax.sharding.NamedSharding(mesh, P())
     data_sharding = jax.sharding.NamedSharding(mesh, P(data_axis))
-    jit_step = jax.jit(_step, in_shardings=(replicated, data_sharding),
-                       out_shardings=(replicated, replicated),
+    bank_sharding = jax.sharding.NamedSharding(mesh, P(None, data_axis))
+
+    def state_shardings(state):
+      """Replicated, except (with shard_saf_bank) SAF's bank by example."""
+
+      def node(x):
+        if shard_saf_bank and isinstance(x, saf_lib.SAFState):
+          rows = x.logit_bank.shape[1]
+          if rows % num_devices:
+            raise ValueError(
+                f"make_trainer(shard_saf_bank=True): the SAF bank has "
+                f"num_examples={rows} rows, not a multiple of the "
+                f"{num_devices} devices of the data axis; build sj.saf with "
+                f"num_examples={-(-rows // num_devices) * num_devices} (ids "
+                "stay below the real data set size).")
+          return jax.tree.map(lambda _: replicated, x)._replace(
+              logit_bank=bank_sharding, recorded_epoch=bank_sharding)
+        return replicated
+
+      is_saf = lambda x: isinstance(x, saf_lib.SAFState)
+      return jax.tree.map(node, state, is_leaf=is_saf)
+
+    def constrained(fn):
+      def wrapped(*args):
+        out = fn(*args)
+        single = isinstance(out, TrainState)
+        state = out if single else out[0]
+        state = jax.lax.with_sharding_constraint(state, state_shardings(state))
+        return state if single else (state,) + tuple(out[1:])
+      return wrapped
+
+    # The state keeps the shardings its arrays carry (set by init through the
+    # constraint); the batch is sharded over the data axis.
+    jit_step = jax.jit(constrained(_step), in_shardings=(None, data_sharding),
+                       out_shardings=(None, replicated),
                        donate_argnums=donate_argnums)
-    jit_eval = jax.jit(_eval, in_shardings=(replicated, data_sharding),
+    jit_eval = jax.jit(_eval, in_shardings=(None, data_sharding),
                        out_shardings=replicated)
-    jit_init = jax.jit(_init, out_shardings=replicated)
+    jit_init = jax.jit(constrained(_init))
 
     def shard_batch(batch):
       if _already_placed(batch, data_sharding):

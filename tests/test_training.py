@@ -84,7 +84,8 @@ def test_plain_optax_step_matches_manual_step():
     logits, stats = _train_apply(model, p, s0, batch["x"], None)
     return _ce(logits, batch["y"]).mean(), (stats, logits)
 
-  (value, (stats, logits)), g = jax.value_and_grad(loss, has_aux=True)(p0)
+  (value, (stats, logits)), g = jax.jit(
+      jax.value_and_grad(loss, has_aux=True))(p0)
   _close(state.params, jax.tree.map(lambda w, d: w - 0.1 * d, p0, g))
   _close(state.model_state["batch_stats"], stats)
   np.testing.assert_allclose(metrics["loss"], value, rtol=1e-6)
@@ -111,12 +112,17 @@ def test_sam_step_keeps_clean_batch_stats_and_one_dropout_key():
     logits, stats = _train_apply(model, p, s0, batch["x"], k)
     return _ce(logits, batch["y"]).mean(), stats
 
-  (_, clean_stats), g = jax.value_and_grad(loss, has_aux=True)(p0, key)
-  norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
-  perturbed = jax.tree.map(lambda w, d: w + rho * d / norm, p0, g)
-  (_, perturbed_stats), g2 = jax.value_and_grad(loss, has_aux=True)(
-      perturbed, key)
-  expected = jax.tree.map(lambda w, d: w - lr * d, p0, g2)
+  @jax.jit
+  def reference(p0, key, perturbed_key):
+    (_, clean_stats), g = jax.value_and_grad(loss, has_aux=True)(p0, key)
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda w, d: w + rho * d / norm, p0, g)
+    (_, perturbed_stats), g2 = jax.value_and_grad(loss, has_aux=True)(
+        perturbed, perturbed_key)
+    expected = jax.tree.map(lambda w, d: w - lr * d, p0, g2)
+    return expected, clean_stats, perturbed_stats, norm
+
+  expected, clean_stats, perturbed_stats, norm = reference(p0, key, key)
   _close(new_state.params, expected)
   # BatchNorm: the running averages are those of the clean pass only ...
   _close(new_state.model_state["batch_stats"], clean_stats, tol=1e-6)
@@ -126,9 +132,7 @@ def test_sam_step_keeps_clean_batch_stats_and_one_dropout_key():
                       clean_stats, perturbed_stats)
   assert max(jax.tree.leaves(diff)) > 1e-4
   # A perturbed pass with another dropout mask gives another step.
-  _, g_other = jax.value_and_grad(loss, has_aux=True)(
-      perturbed, jax.random.fold_in(key, 99))
-  other = jax.tree.map(lambda w, d: w - lr * d, p0, g_other)
+  other = reference(p0, key, jax.random.fold_in(key, 99))[0]
   gap = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                      other, expected)
   assert max(jax.tree.leaves(gap)) > 1e-4
@@ -302,6 +306,17 @@ def test_mesh_of_8_devices_matches_one_device():
          sj.find_trajectory_state(single.opt_state).logit_bank)
   assert float(m1["penalty"]) > 0
   np.testing.assert_allclose(m8["penalty"], m1["penalty"], rtol=1e-5)
+  # The bank sharded by example over the devices: same result.
+  by_example, _ = _run(training.make_trainer(
+      model, _saf_sam_chain(len(ds), len(loader)), mesh=mesh,
+      shard_saf_bank=True), loader, 2, key)
+  bank = sj.find_trajectory_state(by_example.opt_state).logit_bank
+  assert bank.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+  _close(bank, sj.find_trajectory_state(single.opt_state).logit_bank)
+  _close(by_example.params, single.params)
+  with pytest.raises(ValueError, match="num_examples=64"):
+    training.make_trainer(model, _saf_sam_chain(60, len(loader)), mesh=mesh,
+                          shard_saf_bank=True).init(key, loader.batch(0, 0))
 
 
 def test_pmap_matches_the_mesh():
