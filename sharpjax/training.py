@@ -73,7 +73,10 @@ class TrainState(NamedTuple):
     model_state: the other variable collections, e.g.
       ``{"batch_stats": ...}``; ``{}`` for a model without any.
     opt_state: the optax state (SAM diagnostics, SAF bank, MESA teacher).
-    rng: base PRNG key; step ``t`` uses ``fold_in(rng, t)`` for dropout.
+    rng: base PRNG key. Step ``t`` uses ``k = fold_in(rng, t)`` in both of
+      its passes, and the ``i``-th linen rng collection (``rng_names``,
+      default dropout only) gets ``fold_in(k, i)``; under pmap ``k`` is
+      further folded with the device index.
   """
 
   step: jax.Array
@@ -592,11 +595,12 @@ def make_trainer(
           f"sharpjax.training: the batch lacks {missing}{why}; it has "
           f"{sorted(batch)}.")
 
-  def _validate(state, batch, pmapped_batch):
+  def _validate(state, batch, pmapped_batch, training_step=True):
     if not validate:
       return
     traj = trajectory.find_trajectory_state(state.opt_state)
-    _check_keys(batch, needs_ids=isinstance(traj, saf_lib.SAFState))
+    _check_keys(batch, needs_ids=training_step
+                and isinstance(traj, saf_lib.SAFState))
     lead = {k: (np.shape(v)[:2] if pmapped_batch else np.shape(v)[:1])
             for k, v in batch.items()}
     if len(set(lead.values())) != 1 or () in lead.values():
@@ -643,8 +647,8 @@ def make_trainer(
     return new_state, metrics
 
   def eval_step(state, batch):
-    if validate:
-      _check_keys(batch, needs_ids=False)
+    pmapped = axis_name is not None and _looks_pmapped(batch)
+    _validate(state, batch, pmapped, training_step=False)
     metrics = jit_eval(state, shard_batch(batch))
     if axis_name is not None:
       metrics = jax.tree.map(lambda m: m[0], metrics)
