@@ -188,8 +188,8 @@ def ausam(
       use 0.1).
     keep: the sampled fraction :math:`\alpha` of each batch, in (0, 1]; 0.5
       in the paper. It sets a static shape: with ``optax.inject_hyperparams``
-      list it in ``static_args``. 1 runs SAM on the whole batch (in random
-      order) and still keeps the scores.
+      list it in ``static_args``. 1 runs SAM on the whole batch (its own
+      clean pass included) and still keeps the scores.
     f_min: lower frequency (> 0); 0.1 in the paper.
     f_max: upper frequency (>= f_min); 0.5 in the paper.
     transition_steps: steps over which :math:`f_{\max}(t)` rises (>= 0);
