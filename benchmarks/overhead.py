@@ -104,6 +104,14 @@ METHODS = [
     Method("sgd", _sgd, kind="plain"),
     Method("sam", lambda: optax.chain(sj.sam(rho=0.05), _sgd())),
     Method("asam", lambda: optax.chain(sj.asam(rho=0.5, eta=0.01), _sgd())),
+    Method("gsam", lambda: optax.chain(sj.gsam(rho=0.05, alpha=0.1), _sgd())),
+    Method("looksam", lambda: optax.chain(
+        sj.looksam(rho=0.05, k=5, alpha=0.7), _sgd()),
+           note="k=5: second pass on 1 step in 5 (lax.cond)"),
+    Method("fsam", lambda: optax.chain(
+        sj.fsam(rho=0.05, sigma=1.0, lam=0.95), _sgd())),
+    Method("msam", lambda: optax.chain(sj.msam(rho=0.05, num_chunks=8), _sgd()),
+           note="8 chunks of 16 (vmap)"),
     Method("saf", lambda: optax.chain(_saf(4000, 10), _sgd()),
            note="bank 4,000 x 3 x 10"),
     Method("saf (50k x 100)", lambda: optax.chain(_saf(50_000, 100), _sgd()),

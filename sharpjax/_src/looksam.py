@@ -85,7 +85,11 @@ def looksam(
   the skipped perturbed pass is not executed. With ``k=1`` LookSAM is SAM.
 
   Cost: :math:`(k+1)/k` forward-backward passes per step on average (1.2 at
-  k=5), and one float32 buffer the size of the parameters.
+  k=5), and one float32 buffer the size of the parameters. Caveat on XLA:CPU
+  only: the backward pass of a convolution compiled inside a ``lax.cond``
+  branch takes a slow path (jax-ml/jax issue 12868; about 25x on the 1D CNN of
+  ``benchmarks/overhead.py``), so convolutional models on CPU pay more than a
+  SAM step on the full steps. Dense models on CPU, and GPUs, are unaffected.
 
   Args:
     rho: radius (>= 0), a number or an optax schedule; set as for SAM.

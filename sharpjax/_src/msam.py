@@ -59,6 +59,8 @@ def msam(
 
   Cost: the FLOPs of SAM (two forward-backward passes over the batch); memory
   holds one gradient per chunk, so 1-SAM on a large model is memory-heavy.
+  The perturbed pass runs each chunk at its own weights, which ``vmap`` turns
+  into batched (grouped) convolutions: slower than SAM's on CPU.
   Under ``jit`` with the batch sharded over a mesh the chunks follow the batch
   sharding; BatchNorm statistics inside ``loss_fn`` become per chunk.
 
