@@ -42,6 +42,11 @@ from sharpjax._src.trajectory import find_trajectory_state
 from sharpjax._src.trajectory import trajectory_penalty
 from sharpjax._src.trajectory import TrajectoryDiagnostics
 
+# A Renyi-sharpness regularizer (ours, from the RSAM paper's definition).
+from sharpjax._src.renyi import renyi_regularizer
+from sharpjax._src.renyi import renyi_sharpness_penalty
+from sharpjax._src.renyi import RenyiRegularizerState
+
 # Shared building blocks, for writing new variants.
 from sharpjax._src.ascent import asam_perturbation
 from sharpjax._src.ascent import default_adaptive_mask
