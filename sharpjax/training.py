@@ -86,6 +86,14 @@ class TrainState(NamedTuple):
   rng: jax.Array
 
 
+class PerDeviceBatch(dict):
+  """A batch split ``[num_devices, B / num_devices, ...]`` and placed for pmap.
+
+  What :meth:`Trainer.shard_batch` returns under ``axis_name=``; ``step``
+  passes it through without splitting it again.
+  """
+
+
 class Trainer(NamedTuple):
   """What :func:`make_trainer` returns.
 
@@ -542,12 +550,17 @@ def make_trainer(
     jit_init = jax.pmap(lambda _, rng, x: _init(rng, x), in_axes=(0, None, None),
                         devices=devices)
 
+    per_device = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), ("devices",)),
+        jax.sharding.PartitionSpec("devices"))
+
     def shard_batch(batch):
-      if _looks_pmapped(batch):
+      if isinstance(batch, PerDeviceBatch):
         return batch
-      return jax.tree.map(
+      split = jax.tree.map(
           lambda x: np.reshape(np.asarray(x), (num_devices, -1)
                                + np.shape(x)[1:]), dict(batch))
+      return PerDeviceBatch(jax.device_put(split, per_device))
 
     def init(rng, sample_batch):
       _record_spec(sample_batch)
@@ -639,17 +652,17 @@ def make_trainer(
               f"[{lo}, {hi}].")
 
   def step(state, batch):
-    pmapped = axis_name is not None and _looks_pmapped(batch)
+    pmapped = isinstance(batch, PerDeviceBatch)
     _validate(state, batch, pmapped)
-    new_state, metrics = jit_step(state, shard_batch(batch))
+    new_state, metrics = jit_step(state, dict(shard_batch(batch)))
     if axis_name is not None:
       metrics = jax.tree.map(lambda m: m[0], metrics)
     return new_state, metrics
 
   def eval_step(state, batch):
-    pmapped = axis_name is not None and _looks_pmapped(batch)
+    pmapped = isinstance(batch, PerDeviceBatch)
     _validate(state, batch, pmapped, training_step=False)
-    metrics = jit_eval(state, shard_batch(batch))
+    metrics = jit_eval(state, dict(shard_batch(batch)))
     if axis_name is not None:
       metrics = jax.tree.map(lambda m: m[0], metrics)
     return metrics
@@ -685,15 +698,6 @@ def _already_placed(batch, sharding) -> bool:
   leaves = jax.tree.leaves(batch)
   return all(isinstance(x, jax.Array) and x.sharding == sharding
              for x in leaves)
-
-
-def _is_pmapped(x) -> bool:
-  return type(x.sharding).__name__ == "PmapSharding"
-
-
-def _looks_pmapped(batch) -> bool:
-  first = jax.tree.leaves(batch)[0]
-  return isinstance(first, jax.Array) and _is_pmapped(first)
 
 
 def unreplicate(tree: Any) -> Any:

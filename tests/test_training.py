@@ -270,8 +270,12 @@ def test_batch_not_divisible_by_the_devices():
                           data_axis="batch")
 
 
-def _run(trainer, loader, epochs, key):
+def _run(trainer, loader, epochs, key, place_ahead=False):
   state = trainer.init(key, loader.batch(0, 0))
+  if place_ahead:  # the prefetch thread shards (or splits) each batch
+    loader = data.DataLoader(loader.dataset, loader.batch_size,
+                             seed=loader.seed, prefetch=2,
+                             transform=trainer.shard_batch)
   for epoch in range(epochs):
     for batch in loader.epoch(epoch):
       state, metrics = trainer.step(state, batch)
@@ -296,7 +300,7 @@ def test_mesh_of_8_devices_matches_one_device():
   mesh = jax.make_mesh((8,), ("data",))
   trainer = training.make_trainer(model, _saf_sam_chain(len(ds), len(loader)),
                                   mesh=mesh)
-  sharded, m8 = _run(trainer, loader, 2, key)
+  sharded, m8 = _run(trainer, loader, 2, key, place_ahead=True)
   assert trainer.num_devices == 8
   leaf = jax.tree.leaves(sharded.params)[0]
   assert len(leaf.sharding.device_set) == 8 and leaf.is_fully_replicated
@@ -332,7 +336,7 @@ def test_pmap_matches_the_mesh():
       TinyBN(axis_name="batch"),
       _saf_sam_chain(len(ds), len(loader), axis_name="batch"),
       axis_name="batch")
-  out, m_out = _run(trainer, loader, 2, key)
+  out, m_out = _run(trainer, loader, 2, key, place_ahead=True)
   assert jax.tree.leaves(out.params)[0].shape[0] == 8
   _close(training.unreplicate(out.params), ref.params)
   _close(training.unreplicate(out.model_state), ref.model_state)
