@@ -168,6 +168,18 @@ class Checkpointer:
           f"{meta.get('version')}, this sharpjax reads version {VERSION}.")
     return step, meta
 
+  def check_run(self, run: Mapping[str, Any],
+                step: Optional[int] = None) -> tuple[int, dict]:
+    """``read_meta``, raising if the checkpoint's run differs from ``run``."""
+    step, meta = self.read_meta(step)
+    diff = run_mismatches(meta["run"], run)
+    if diff:
+      raise CheckpointError(
+          f"checkpoint {self.directory} step {step} was written by a "
+          "different run: " + "; ".join(diff[:8]) + ". Resume with the "
+          "checkpoint's settings, or start a new run in another --ckpt-dir.")
+    return step, meta
+
   def restore(self, template: Any, run: Optional[Mapping[str, Any]] = None,
               step: Optional[int] = None) -> tuple[Any, dict]:
     """Restores into the structure of ``template``; returns ``(state, meta)``.
@@ -184,15 +196,11 @@ class Checkpointer:
         paths, shapes or dtypes), or the leaf whose bytes are corrupt.
     """
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    step, meta = self.read_meta(step)
-    where = f"checkpoint {self.directory} step {step}"
     if run is not None:
-      diff = run_mismatches(meta["run"], run)
-      if diff:
-        raise CheckpointError(
-            f"{where} was written by a different run: " + "; ".join(diff[:8])
-            + ". Resume with the checkpoint's settings, or start a new run "
-            "in another --ckpt-dir.")
+      step, meta = self.check_run(run, step)
+    else:
+      step, meta = self.read_meta(step)
+    where = f"checkpoint {self.directory} step {step}"
     expected = signature(template)
     saved = [{k: d[k] for k in ("path", "shape", "dtype")}
              for d in meta["leaves"]]

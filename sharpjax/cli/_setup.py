@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -134,8 +135,6 @@ class Env:
   model: Any
   steps_per_epoch: int
   _initial: dict = dataclasses.field(default_factory=dict, repr=False)
-  _init_fn: Any = dataclasses.field(default=None, repr=False)
-  _eval_fn: Any = dataclasses.field(default=None, repr=False)
 
   @property
   def num_classes(self) -> int:
@@ -156,20 +155,8 @@ class Env:
     """
     import jax  # pylint: disable=g-import-not-at-top
     if seed not in self._initial:
-      if self._init_fn is None:
-        model, x = self.model, self.train.x[:1]
-
-        def init(rng):
-          k_model, k_rng = jax.random.split(rng)
-          k_params, k_dropout = jax.random.split(k_model)
-          variables = dict(model.init({"params": k_params,
-                                       "dropout": k_dropout}, x, train=False))
-          params = variables.pop("params")
-          return params, variables, k_rng
-
-        self._init_fn = jax.jit(init)
-      self._initial[seed] = jax.device_get(
-          self._init_fn(jax.random.PRNGKey(seed)))
+      init = _model_init_fn(self.model, tuple(self.train.x.shape[1:]))
+      self._initial[seed] = jax.device_get(init(jax.random.PRNGKey(seed)))
     return jax.tree.map(jax.numpy.array, self._initial[seed])
 
   def evaluate(self, params, model_state) -> dict:
@@ -177,21 +164,11 @@ class Env:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from sharpjax import training  # pylint: disable=g-import-not-at-top
-    if self._eval_fn is None:
-      model = self.model
-
-      def sums(params, model_state, x, y):
-        logits = model.apply({"params": params, **model_state}, x,
-                             train=False)
-        losses = training.softmax_cross_entropy(logits, y)
-        correct = jnp.argmax(logits, -1) == y
-        return jnp.sum(losses), jnp.sum(correct.astype(jnp.float32))
-
-      self._eval_fn = jax.jit(sums)
+    eval_fn = _eval_fn(self.model)
     n = len(self.test)
     loss = acc = 0.0
     for i in range(0, n, _EVAL_CHUNK):
-      l, a = jax.device_get(self._eval_fn(
+      l, a = jax.device_get(eval_fn(
           params, model_state, self.test.x[i:i + _EVAL_CHUNK],
           self.test.y[i:i + _EVAL_CHUNK]))
       loss += float(l)
@@ -202,6 +179,40 @@ class Env:
     from sharpjax import data  # pylint: disable=g-import-not-at-top
     return data.DataLoader(self.train, batch_size=self.config.batch_size,
                            seed=seed, prefetch=0)
+
+
+# One jitted model init and evaluation per (model, input shape) in a process:
+# every method and every command in it shares them, so they compile once.
+@functools.lru_cache(maxsize=16)
+def _model_init_fn(model, input_shape):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def init(rng):
+    k_model, k_rng = jax.random.split(rng)
+    k_params, k_dropout = jax.random.split(k_model)
+    x = jnp.zeros((1,) + input_shape, jnp.float32)
+    variables = dict(model.init({"params": k_params, "dropout": k_dropout}, x,
+                                train=False))
+    params = variables.pop("params")
+    return params, variables, k_rng
+
+  return jax.jit(init)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_fn(model):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sharpjax import training  # pylint: disable=g-import-not-at-top
+
+  def sums(params, model_state, x, y):
+    logits = model.apply({"params": params, **model_state}, x, train=False)
+    losses = training.softmax_cross_entropy(logits, y)
+    correct = jnp.argmax(logits, -1) == y
+    return jnp.sum(losses), jnp.sum(correct.astype(jnp.float32))
+
+  return jax.jit(sums)
 
 
 def make_env(config: Config) -> Env:

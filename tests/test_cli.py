@@ -1,0 +1,345 @@
+"""The sharpjax command line: compare, train/resume, measure, error cases.
+
+Every run here is tiny (MNIST-1D cut to a few hundred examples, a few
+epochs); the commands run in-process through ``sharpjax.cli.main``.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import sharpjax as sj
+from sharpjax.cli import _checkpoint
+from sharpjax.cli import _methods
+from sharpjax.cli import _runner
+from sharpjax.cli import main
+
+# 240 train / 60 test examples; batch 32 -> 7 steps per epoch.
+TINY = ["--num-examples", "300", "--batch-size", "32", "--progress", "off"]
+TINY_MLP = TINY + ["--model", "mlp", "--width", "16"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+  # MNIST-1D is generated offline; keep its cache out of the home directory.
+  monkeypatch.setenv("SHARPJAX_CACHE",
+                     str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _leaves(directory, step=None):
+  """The flat leaves and metadata of a train checkpoint, read back raw."""
+  ck = _checkpoint.Checkpointer(directory)
+  step, meta = ck.read_meta(step)
+  import orbax.checkpoint as ocp
+  arrays = ck._mngr(create=False).restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return {d["path"]: np.asarray(arrays[f"leaf_{i:05d}"])
+          for i, d in enumerate(meta["leaves"])}, meta
+
+
+# ---------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+  out = tmp_path / "cmp"
+  rc = main(["compare", "--methods", "sgd,sam", "saf", "--seeds", "2",
+             "--epochs", "2", "--sharpness-examples", "64", "--out", str(out),
+             *TINY])
+  assert rc == 0
+  captured = capsys.readouterr()
+  # Not a terminal: no progress bars, one line per run and the table.
+  assert "step/s" not in captured.err and "it/s" not in captured.err
+  assert len(re.findall(r"^\[\d+/6\] ", captured.out, re.M)) == 6
+  assert "| method |" in captured.out
+
+  res = json.loads((out / "results.json").read_text())
+  assert res["methods"] == ["sgd", "sam", "saf"]
+  assert res["seeds"] == [0, 1]
+  assert res["config"]["epochs"] == 2 and res["config"]["batch_size"] == 32
+  for pkg in ("jax", "optax", "flax"):
+    assert res["versions"][pkg]
+  assert res["device"]["device_kind"] and res["device"]["platform"] == "cpu"
+  assert res["data"] == {"train": 240, "test": 60, "num_classes": 10,
+                         "steps_per_epoch": 7}
+  # SAF/MESA "auto" values scaled to a 2-epoch run (module docstring).
+  assert res["hyper"]["saf"]["start_epoch"] == 1
+  assert res["hyper"]["saf"]["delay_epochs"] == 1
+  rows = {r["method"]: r for r in res["table"]}
+  assert list(rows) == ["sgd", "sam", "saf"]
+  assert rows["sgd"]["cost_ratio"] == 1.0
+  for r in rows.values():
+    assert r["seeds"] == 2
+    assert 0.0 <= r["test_accuracy_mean"] <= 1.0
+    assert np.isfinite(r["train_loss_mean"]) and r["ms_per_step"] > 0
+    assert np.isfinite(r["top_eigenvalue_mean"])
+    assert r["peak_rss_mib"] > 0 and r["state_kib"] > 0
+  # SAF's bank (240 x 1 x 10 float32) is in its state, on top of SGD's.
+  assert rows["saf"]["state_kib"] * 1024 >= (rows["sgd"]["state_kib"] * 1024
+                                             + 240 * 10 * 4)
+  runs = res["runs"]
+  assert len(runs) == 6
+  for run in runs:
+    assert [h["epoch"] for h in run["history"]] == [1, 2]
+    assert run["steps"] == 14
+  # Table figures are the means over the runs.
+  sam_acc = [r["history"][-1]["test_accuracy"] for r in runs
+             if r["method"] == "sam"]
+  assert rows["sam"]["test_accuracy_mean"] == pytest.approx(np.mean(sam_acc))
+
+  md = (out / "results.md").read_text()
+  for m in ("sgd", "sam", "saf"):
+    assert re.search(rf"^\| {m} \|", md, re.M)
+  assert "λ_max" in md
+  for png in ("accuracy.png", "train_loss.png", "tradeoff.png",
+              "compare.png"):
+    data = (out / png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_same_seed_same_start_across_methods(tmp_path):
+  """Methods with one seed start from the same weights and data order."""
+  from sharpjax.cli import _setup
+  env = _setup.make_env(_setup.Config(num_examples=300, batch_size=32,
+                                      epochs=1))
+  a = _runner.MethodRunner(env, "sgd").init_state(1)
+  b = _runner.MethodRunner(env, "saf").init_state(1)
+  c = _runner.MethodRunner(env, "sgd").init_state(2)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  flat = lambda s: np.concatenate(
+      [np.ravel(x) for x in jax.tree.leaves(s.params)])
+  assert not np.array_equal(flat(a), flat(c))
+  # The data order depends on the seed alone.
+  np.testing.assert_array_equal(env.loader(1).order(3),
+                                env.loader(1).order(3))
+
+
+# ---------------------------------------------------------------------------
+# train, checkpoints, resume
+# ---------------------------------------------------------------------------
+
+
+def _train(tmp_path, name, *extra, method="saf"):
+  return main(["train", "--method", method, "--epochs", "3", "--save-every",
+               "5", "--seed", "1", "--out", str(tmp_path / name), *TINY_MLP,
+               *extra])
+
+
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_resume_is_bit_exact(tmp_path, monkeypatch, method):
+  # Uninterrupted: 3 epochs x 7 steps.
+  assert _train(tmp_path, "full", method=method) == 0
+  full, full_meta = _leaves(tmp_path / "full" / "checkpoints")
+  assert full_meta["progress"]["step"] == 21
+
+  if method == "saf":
+    # Interrupted like Ctrl-C in the middle of epoch 2 (after step 12); the
+    # last checkpoint (step 10, every 5 steps) must be usable.
+    real_flush = _runner.MethodRunner._flush
+
+    def flush(self, pending, progress, epoch, bar):
+      real_flush(self, pending, progress, epoch, bar)
+      if progress.step >= 12:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_runner.MethodRunner, "_flush", flush)
+    assert _train(tmp_path, "cut", method=method) == 130
+    monkeypatch.setattr(_runner.MethodRunner, "_flush", real_flush)
+    assert _checkpoint.Checkpointer(
+        tmp_path / "cut" / "checkpoints").steps()[-1] == 10
+  else:
+    assert _train(tmp_path, "cut", "--max-steps", "10", method=method) == 0
+  assert _train(tmp_path, "cut", "--resume", method=method) == 0
+  cut, cut_meta = _leaves(tmp_path / "cut" / "checkpoints")
+
+  assert cut_meta["progress"] == full_meta["progress"]  # history included
+  assert sorted(cut) == sorted(full)
+  for path in full:
+    np.testing.assert_array_equal(cut[path], full[path], err_msg=path)
+  if method == "saf":
+    bank = [p for p in full if p.endswith(".logit_bank")]
+    assert bank and np.abs(full[bank[0]]).sum() > 0  # the bank is written
+  else:
+    teacher = [p for p in full if ".teacher_params" in p]
+    assert teacher
+  # Resuming a finished run trains nothing more and changes nothing.
+  assert _train(tmp_path, "cut", "--resume", method=method) == 0
+  again, _ = _leaves(tmp_path / "cut" / "checkpoints")
+  for path in full:
+    np.testing.assert_array_equal(again[path], full[path])
+
+
+def test_train_refuses_to_mix_runs_and_measure(tmp_path, capsys):
+  assert _train(tmp_path, "run", "--max-steps", "5") == 0
+  assert _train(tmp_path, "run") == 1  # checkpoints exist, no --resume
+  assert "--resume" in capsys.readouterr().err
+  # Resuming with another budget or method names the mismatch.
+  assert main(["train", "--method", "saf", "--epochs", "4", "--save-every",
+               "5", "--seed", "1", "--out", str(tmp_path / "run"), *TINY_MLP,
+               "--resume"]) == 1
+  err = capsys.readouterr().err
+  assert "different run" in err and "epochs: checkpoint 3, this run 4" in err
+  assert _train(tmp_path, "run", "--resume", method="sam") == 1
+  err = capsys.readouterr().err
+  assert "method: checkpoint 'saf', this run 'sam'" in err
+  assert _train(tmp_path, "run", "--resume", "--strength", "0.5") == 1
+  assert "hyper.strength: checkpoint 0.3, this run 0.5" in (
+      capsys.readouterr().err)
+
+  # The checkpoint (a step subdirectory works too) can be measured.
+  out = tmp_path / "m"
+  assert main(["measure", str(tmp_path / "run" / "checkpoints" / "5"),
+               "--num-examples", "64", "--probes", "8", "--top-k", "2",
+               "--landscape", "--out", str(out)]) == 0
+  res = json.loads((out / "measure.json").read_text())
+  assert res["step"] == 5 and res["run"]["method"] == "saf"
+  assert res["examples"] == 64
+  top = res["top_eigenvalues"]
+  assert len(top) == 2 and abs(top[0]) >= abs(top[1]) > 0
+  assert np.isfinite(res["trace"]) and 0 <= res["test_accuracy"] <= 1
+  assert (out / "landscape.png").read_bytes()[:4] == b"\x89PNG"
+  assert "top Hessian eigenvalues" in capsys.readouterr().out
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, capsys):
+  assert _train(tmp_path, "run", "--max-steps", "5") == 0
+  ckpt = tmp_path / "run" / "checkpoints"
+  step_dir = ckpt / "5" / "state"
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  data = max(files, key=os.path.getsize)
+  raw = bytearray(open(data, "rb").read())
+  for i in range(len(raw) // 3, len(raw) // 3 + 64):
+    raw[i] ^= 0xFF
+  open(data, "wb").write(bytes(raw))
+  assert _train(tmp_path, "run", "--resume") == 1
+  err = capsys.readouterr().err
+  assert "checkpoint error" in err and "corrupt" in err and str(ckpt) in err
+
+  # A checkpoint whose state does not fit this run's state.
+  ck = _checkpoint.Checkpointer(tmp_path / "other")
+  ck.save({"w": np.zeros((3,), np.float32)}, {"method": "x"}, {"step": 1})
+  with pytest.raises(_checkpoint.CheckpointError,
+                     match=r"does not fit this run's state: it has 1 arrays"):
+    ck.restore({"w": np.zeros((3,), np.float32), "b": np.zeros(2)})
+  with pytest.raises(_checkpoint.CheckpointError,
+                     match=r"\['w'\]: checkpoint float32\[3\], this run "
+                           r"\['w'\] float32\[4\]"):
+    ck.restore({"w": np.zeros((4,), np.float32)})
+  # Metadata gone.
+  meta_files = [os.path.join(d, f)
+                for d, _, fs in os.walk(tmp_path / "other" / "1" / "meta")
+                for f in fs]
+  for f in meta_files:
+    open(f, "w").write("{not json")
+  with pytest.raises(_checkpoint.CheckpointError, match="metadata cannot be"):
+    ck.read_meta()
+  with pytest.raises(_checkpoint.CheckpointError, match="no checkpoint"):
+    _checkpoint.Checkpointer(tmp_path / "empty").read_meta()
+
+
+# ---------------------------------------------------------------------------
+# Error cases
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compare", "--methods", "sgd", "sharp"],
+     "unknown method 'sharp'; valid methods: sgd, sam, asam"),
+    (["compare", "--model", "resnet9"],
+     "unknown model 'resnet9'; valid models: cnn1d, mlp"),
+    (["train", "--data", "mnist"],
+     "unknown data set 'mnist'; valid data sets: mnist1d, digits, synthetic "
+     "(did you mean 'mnist1d'?)"),
+    (["train", "--method", "sam", "--set", "sam.radius=0.1"],
+     "method 'sam' has no hyper-parameter 'radius'; its hyper-parameters "
+     "are: rho"),
+    (["compare", "--methods", "sam", "--set", "saf.strength=1"],
+     "method 'saf' is not selected"),
+    (["train", "--method", "sam", "--rho", "-1"], "rho"),
+])
+def test_unknown_names_list_the_valid_ones(argv, needle, capsys):
+  assert main(argv + TINY) == 2
+  assert needle in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_step(tmp_path, capsys):
+  rc = main(["train", "--method", "sam", "--lr", "1e30", "--epochs", "2",
+             "--out", str(tmp_path / "nan"), *TINY_MLP])
+  assert rc == 1
+  err = capsys.readouterr().err
+  m = re.search(r"the training loss became (nan|inf|-inf) at step (\d+) "
+                r"\(epoch 1\)", err)
+  assert m, err
+  step = int(m.group(2))
+  assert 1 <= step <= 7
+  # No checkpoint holds the diverged state.
+  steps = _checkpoint.Checkpointer(tmp_path / "nan" / "checkpoints").steps()
+  assert all(s < step for s in steps)
+
+
+# ---------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------
+
+
+def test_registry_has_every_method_of_the_library():
+  for name in ("sam", "asam", "gsam", "looksam", "fsam", "msam", "esam",
+               "ssam", "ausam", "saf", "mesa"):
+    if hasattr(sj, name):
+      assert name in _methods.names()
+  assert _methods.names()[0] == "sgd"
+  assert _methods.DEFAULT_COMPARE == tuple(_methods.names())
+  budget = _methods.Budget(num_examples=100, num_classes=10,
+                           steps_per_epoch=4, epochs=3)
+  for name in _methods.names():
+    m = _methods.get(name)
+    tx = _methods.build(m, _methods.resolve(m, budget, {}, {}), budget)
+    assert (tx is None) == (name == "sgd")
+
+
+def test_auto_hyper_parameters():
+  budget = _methods.Budget(num_examples=4000, num_classes=10,
+                           steps_per_epoch=31, epochs=30)
+  saf = _methods.resolve(_methods.get("saf"), budget, {}, {})
+  assert (saf["start_epoch"], saf["delay_epochs"]) == (5, 3)  # the paper's
+  mesa = _methods.resolve(_methods.get("mesa"), budget, {"rho": 1.0}, {})
+  assert mesa["decay"] == pytest.approx(1 - 16 / 930)
+  assert "rho" not in mesa
+  assert _methods.resolve(_methods.get("ssam"), budget, {},
+                          {})["update_every"] == 31
+  assert _methods.resolve(_methods.get("ausam"), budget, {},
+                          {})["transition_steps"] == 140
+  short = _methods.Budget(num_examples=4000, num_classes=10,
+                          steps_per_epoch=31, epochs=5)
+  saf = _methods.resolve(_methods.get("saf"), short, {"strength": 0.5},
+                         {"delay_epochs": 2})
+  assert (saf["start_epoch"], saf["delay_epochs"], saf["strength"]) == (1, 2,
+                                                                        0.5)
+
+
+def test_reseed_matches_building_with_the_seed():
+  params = {"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+  for make in (lambda s: sj.esam(seed=s),
+               lambda s: sj.ausam(num_examples=10, seed=s)):
+    want = make(7).init(params)
+    got = _runner._reseed(make(0).init(params), 7)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    keys = lambda s: [np.asarray(x) for x in jax.tree.leaves(s)
+                      if np.asarray(x).dtype == np.uint32]
+    assert keys(want) and not all(
+        np.array_equal(a, b) for a, b in zip(keys(make(0).init(params)),
+                                             keys(want)))
+
+
+def test_import_sharpjax_stays_light():
+  code = ("import sys, sharpjax; bad = [m for m in ('sharpjax.cli', "
+          "'matplotlib', 'orbax', 'tqdm') if m in sys.modules]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True)
