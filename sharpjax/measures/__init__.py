@@ -45,6 +45,11 @@ from sharpjax.measures._sharpness import project_ellipsoid
 from sharpjax.measures._sharpness import SharpnessResult
 from sharpjax.measures._sharpness import worst_case_sharpness
 
+# Geodesic sharpness (attention GL(h) symmetries removed).
+from sharpjax.measures._geodesic import attention_blocks
+from sharpjax.measures._geodesic import geodesic_sharpness
+from sharpjax.measures._geodesic import SymmetricBlock
+
 # Loss-landscape slices.
 from sharpjax.measures._landscape import filter_normalized_direction
 from sharpjax.measures._landscape import interpolate
