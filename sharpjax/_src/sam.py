@@ -118,7 +118,9 @@ def sharpness_aware(
     name: the public name, used in error messages.
     axis_name: when the update runs inside ``jax.pmap`` (or ``shard_map``),
       the descent direction, memory, and diagnostics are averaged over this
-      axis. The perturbation itself comes from the gradient passed in: pass
+      axis; with a ``descent_fn`` the perturbed gradient is averaged before
+      it too, so the combination sees the whole batch's perturbed gradient.
+      The perturbation itself comes from the gradient passed in: pass
       per-device gradients for per-device perturbations (SAM's m-sharpness
       with m = per-device batch), or ``pmean`` them first for a global one.
     descent_fn: ``(clean_grads, perturbed_grads, count, memory) ->
@@ -239,6 +241,9 @@ def sharpness_aware(
         clean_grads, grads, diagnostics = chunked_passes(memory)
       new_memory = memory
       if descent_fn is not None:
+        if axis_name is not None:
+          # The combination sees the whole batch's perturbed gradient.
+          grads, diagnostics = jax.lax.pmean((grads, diagnostics), axis_name)
         grads, new_memory = descent_fn(clean_grads, grads, count, memory)
         new_memory = keep_dtypes(new_memory, memory)
       return base.tree_cast_like(grads, updates), new_memory, diagnostics
