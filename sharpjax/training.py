@@ -23,21 +23,27 @@ needs and that is easy to get wrong:
   and the state buffers donated. With ``axis_name`` the step runs under
   ``jax.pmap`` instead, gradients averaged over that axis.
 
-Mapping to TPU pods: run one Python process per host, call
-``jax.distributed.initialize()`` first, and build the mesh over
-``jax.devices()`` (all hosts' devices), e.g.
-``Mesh(np.array(jax.devices()), ("data",))``. Each process loads its own
-share of every global batch (a ``DataLoader`` over its shard of the data, or
-the same loader with a per-process slice); :meth:`Trainer.shard_batch` turns
-the process-local batches into one global array with
-``jax.make_array_from_process_local_data``. Every process runs the same
-``step`` on the same global state; XLA inserts the cross-host all-reduce of
-the gradients. SAF ids must be global dataset indices.
+Mapping to TPU pods (the same program on every host; not exercised by the
+tests, which run one process): start one Python process per host, call
+``jax.distributed.initialize()`` before anything else, and build the mesh
+over all hosts' devices, e.g. ``Mesh(np.array(jax.devices()), ("data",))``
+or ``jax.make_mesh((jax.device_count(),), ("data",))``. Every process builds
+the same ``DataLoader`` (same seed, so the same global order and ids) and
+keeps its rows of each global batch of size B,
+``jax.tree.map(lambda v: v[i * b:(i + 1) * b], batch)`` with
+``i = jax.process_index()`` and ``b = B // jax.process_count()``;
+:meth:`Trainer.shard_batch` (called by ``step``) assembles those
+process-local rows into one global array with
+``jax.make_array_from_process_local_data``. Every process then runs the same
+``step`` on the same replicated state and XLA inserts the cross-host
+all-reduce of the gradients, so SAF ids stay global dataset indices and the
+bank (replicated, or sharded by example with ``shard_saf_bank``) stays one
+global bank. Checkpoint the state with orbax, which writes sharded arrays
+from all processes.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -274,8 +280,9 @@ def make_trainer(
 
   - ``mesh``: ``jit`` with the batch sharded over ``mesh``'s ``data_axis`` and
     the whole state replicated (so the SAF bank is one global bank; see
-    ``shard_saf_bank`` to shard it by example), state buffers donated. Gradients and BatchNorm statistics are global, so the
-    result equals the single-device run up to float reassociation.
+    ``shard_saf_bank`` to shard it by example), state buffers donated.
+    Gradients and BatchNorm statistics are global, so the result equals the
+    single-device run up to float reassociation.
   - ``axis_name``: ``jax.pmap`` over ``devices`` (default: all local devices)
     with that axis name; the state is replicated, each batch split into
     per-device shards, gradients, loss and model state averaged with
