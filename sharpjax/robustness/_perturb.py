@@ -18,6 +18,7 @@ against perturbation.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -135,6 +136,34 @@ class PerturbationSweep(NamedTuple):
   clean: float
 
 
+@functools.lru_cache(maxsize=32)
+def _sweep_runner(accuracy_fn, kind, num_samples, mask_key):
+  """One jitted sweep per (accuracy_fn, kind, draws, mask): reused across
+  parameter sets (e.g. the SGD and the SAT model on the same data)."""
+  mask_def, mask_leaves = mask_key
+  mask_tree = jax.tree.unflatten(mask_def, list(mask_leaves))
+
+  @jax.jit
+  def run(params, key, strengths):
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(
+        jnp.arange(num_samples)
+    )
+
+    def at_strength(s):
+      def one(k):
+        noisy = perturb_weights(params, k, kind=kind, strength=s,
+                                mask=mask_tree)
+        return jnp.asarray(accuracy_fn(noisy), jnp.float32)
+
+      return jax.vmap(one)(keys)
+
+    return jax.lax.map(at_strength, strengths), jnp.asarray(
+        accuracy_fn(params), jnp.float32
+    )
+
+  return run
+
+
 def accuracy_under_perturbation(
     accuracy_fn: Callable[[Any], jax.Array],
     params: Any,
@@ -197,25 +226,13 @@ def accuracy_under_perturbation(
   elif key is None:
     raise ValueError(f"kind={kind!r} needs a PRNG key.")
   mask_tree = _resolve_mask(mask, params)
-
-  @jax.jit
-  def run(params, key, strengths):
-    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(
-        jnp.arange(num_samples)
-    )
-
-    def at_strength(s):
-      def one(k):
-        noisy = perturb_weights(params, k, kind=kind, strength=s,
-                                mask=mask_tree)
-        return jnp.asarray(accuracy_fn(noisy), jnp.float32)
-
-      return jax.vmap(one)(keys)
-
-    return jax.lax.map(at_strength, strengths), jnp.asarray(
-        accuracy_fn(params), jnp.float32
-    )
-
+  mask_leaves, mask_def = jax.tree.flatten(mask_tree)
+  runner_args = (accuracy_fn, kind, num_samples,
+                 (mask_def, tuple(bool(m) for m in mask_leaves)))
+  try:
+    run = _sweep_runner(*runner_args)
+  except TypeError:  # an unhashable accuracy_fn: no reuse across calls.
+    run = _sweep_runner.__wrapped__(*runner_args)
   accs, clean = run(params, key, jnp.asarray(strengths))
   accs = np.asarray(accs, np.float64)
   std = accs.std(axis=1, ddof=1) if num_samples > 1 else np.zeros(len(accs))
