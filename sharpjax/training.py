@@ -299,9 +299,13 @@ def make_trainer(
   Args:
     model: a ``flax.linen.Module`` called as ``model.apply(variables, x,
       train=...)`` (see ``train_kwarg``), or a ``flax.nnx.Module`` (called as
-      ``module(x)`` after ``.train()``/``.eval()``; its parameters and
-      BatchNorm statistics are split out, and its own ``nnx.Rngs`` drive
-      dropout).
+      ``module(x)`` after ``.train()``/``.eval()``). An nnx module is split
+      into ``nnx.Param`` (the params), ``nnx.BatchStat`` and the rest, and
+      merged again inside the traced step; its current values are the
+      initial state (``init``'s rng is not used for it), and its own
+      ``nnx.Rngs`` streams, kept in the state, drive dropout (same key in
+      both passes, advanced once per step; under pmap every device draws the
+      same mask, since the streams are replicated).
     tx: the optax chain.
     loss: ``loss(logits, labels) -> [B]`` per-example losses; default
       :func:`softmax_cross_entropy` (integer labels).
