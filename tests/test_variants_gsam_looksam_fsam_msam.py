@@ -97,6 +97,12 @@ def run(tx, steps, batch=BATCH, jit=True, value=False):
   return params, state
 
 
+def jit_update(tx, grads, state, params, **kwargs):
+  """One jit-compiled ``tx.update`` (eager dispatch is slower to test)."""
+  return jax.jit(lambda g, s, p: tx.update(g, s, p, **kwargs))(
+      grads, state, params)
+
+
 def chain(tx, momentum=0.9):
   return optax.chain(tx, optax.sgd(LR, momentum=momentum or None))
 
@@ -182,8 +188,8 @@ class GSAMTest(parameterized.TestCase):
     # orthogonal to g_p, so the perturbed loss is unchanged to first order.
     params = quad_params()
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
-    d, _ = sj.gsam(rho=0.3, alpha=0.5).update(
-        grads, sj.gsam().init(params), params, loss_fn=quad_loss, batch=BATCH)
+    d, _ = jit_update(sj.gsam(rho=0.3, alpha=0.5), grads,
+        sj.gsam().init(params), params, loss_fn=quad_loss, batch=BATCH)
     g_p = sam_grad(W0, 0.3)
     self.assertAlmostEqual(float((flat(d) - g_p) @ g_p), 0.0, places=5)
     self.assertGreater(np.linalg.norm(flat(d) - g_p), 1e-3)
@@ -204,7 +210,7 @@ class GSAMTest(parameterized.TestCase):
     params = quad_params()
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
     state = optax.tree.set(tx.init(params), alpha=jnp.asarray(0.7))
-    d, _ = tx.update(grads, state, params, loss_fn=quad_loss, batch=BATCH)
+    d, _ = jit_update(tx, grads, state, params, loss_fn=quad_loss, batch=BATCH)
     np.testing.assert_allclose(flat(d), gsam_direction(W0, 0.3, 0.7),
                                rtol=1e-5, atol=1e-6)
 
@@ -273,9 +279,9 @@ class LookSAMTest(parameterized.TestCase):
     tx = sj.looksam(rho=0.3, k=5, alpha=0.7)
     params = quad_params()
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
-    _, state = tx.update(grads, tx.init(params), params, loss_fn=quad_loss,
-                         batch=BATCH)
-    d, _ = tx.update(grads, state, params, loss_fn=quad_loss, batch=BATCH)
+    _, state = jit_update(tx, grads, tx.init(params), params,
+        loss_fn=quad_loss, batch=BATCH)
+    d, _ = jit_update(tx, grads, state, params, loss_fn=quad_loss, batch=BATCH)
     g_v = np.concatenate([np.asarray(state.g_v["kernel"]),
                           np.asarray(state.g_v["bias"])])
     self.assertGreater(np.linalg.norm(g_v), 1e-2)
@@ -321,14 +327,14 @@ class LookSAMTest(parameterized.TestCase):
     tx = sj.looksam(rho=0.3, k=2)
     params = quad_params()
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
-    _, state = tx.update(grads, tx.init(params), params, loss_fn=quad_loss,
-                         batch=BATCH)
+    _, state = jit_update(tx, grads, tx.init(params), params,
+        loss_fn=quad_loss, batch=BATCH)
     full = sj.diagnostics(state)
     np.testing.assert_allclose(full["perturbation_norm"], 0.3, rtol=1e-6)
     np.testing.assert_allclose(full["grad_norm"], np.linalg.norm(grad(W0)),
                                rtol=1e-6)
-    _, state = tx.update(grads, state, params, loss_fn=quad_loss, batch=BATCH,
-                         value=jnp.asarray(1.5))
+    _, state = jit_update(tx, grads, state, params, loss_fn=quad_loss,
+        batch=BATCH, value=jnp.asarray(1.5))
     reuse = sj.diagnostics(state)
     self.assertEqual(float(reuse["perturbation_norm"]), 0.0)
     self.assertTrue(np.isnan(reuse["perturbed_loss"]))
@@ -437,8 +443,8 @@ class MSAMTest(parameterized.TestCase):
     params = quad_params()
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
     tx = sj.msam(rho=0.3, num_chunks=4)
-    d, _ = tx.update(grads, tx.init(params), params, loss_fn=quad_loss,
-                     batch=BATCH)
+    d, _ = jit_update(tx, grads, tx.init(params), params, loss_fn=quad_loss,
+        batch=BATCH)
     want = np.mean([A @ (W0 + 0.3 * unit(A @ (W0 - c)) - c) for c in CENTRES],
                    axis=0)
     np.testing.assert_allclose(flat(d), want, rtol=1e-5, atol=1e-6)
@@ -455,8 +461,8 @@ class MSAMTest(parameterized.TestCase):
     params = quad_params()
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
     tx = sj.msam(rho=0.3, num_chunks=2)
-    _, state = tx.update(grads, tx.init(params), params, loss_fn=quad_loss,
-                         batch=BATCH)
+    _, state = jit_update(tx, grads, tx.init(params), params,
+        loss_fn=quad_loss, batch=BATCH)
     d = sj.diagnostics(state)
     chunks = np.split(CENTRES, 2)
 
@@ -499,8 +505,8 @@ class MSAMTest(parameterized.TestCase):
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
     tx = sj.msam(rho=0.3, num_chunks=2)
     with_aux = lambda p, b: (quad_loss(p, b), {"n": jnp.ones(())})
-    d, _ = tx.update(grads, tx.init(params), params, loss_fn=with_aux,
-                     batch=BATCH, has_aux=True)
+    d, _ = jit_update(tx, grads, tx.init(params), params, loss_fn=with_aux,
+        batch=BATCH, has_aux=True)
     np.testing.assert_allclose(flat(d), msam_direction(W0, 0.3, 2), rtol=1e-5)
     with self.assertRaisesRegex(ValueError, "not divisible by num_chunks=3"):
       sj.msam(num_chunks=3).update(grads, tx.init(params), params,

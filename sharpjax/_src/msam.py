@@ -22,8 +22,8 @@ from sharpjax._src import sam as sam_lib
 def _static_num_chunks(num_chunks) -> int:
   if isinstance(num_chunks, (jax.Array, jax.core.Tracer)):
     raise ValueError(
-        "num_chunks sets the shape of the chunked batch, so it must be a Python "
-        f"int, got {type(num_chunks).__name__}. With optax.inject_hyperparams, "
+        "num_chunks sets the shape of the chunked batch, so it must be a "
+        f"Python int, got {type(num_chunks).__name__}. With optax.inject_hyperparams, "
         "pass static_args=('num_chunks',)."
     )
   return base.check_int("num_chunks", num_chunks, low=1)

@@ -160,7 +160,9 @@ def gradient_pass(
 
 
 def split_batch(batch: Any, num_chunks: int, *, name: str = "sam") -> Any:
-  """Reshapes every leaf of ``batch`` from [B, ...] to [num_chunks, B/num_chunks, ...].
+  """Splits ``batch`` into chunks: leaves [B, ...] become [num_chunks, m, ...].
+
+  ``m = B / num_chunks``; the chunks are consecutive slices of the batch.
 
   Raises a clear error at trace time when ``num_chunks`` does not divide B.
   """
