@@ -56,3 +56,15 @@ from sharpjax._src.perturbed import perturbed_pass
 
 # Reading the state.
 from sharpjax._src.diagnostics import diagnostics
+
+# Subpackages load on first use (`sj.training`, `sj.measures`, ...), so that
+# `import sharpjax` stays as light as optax.
+_SUBPACKAGES = ("cli", "data", "launch", "measures", "models", "quant",
+                "robustness", "training", "tta")
+
+
+def __getattr__(name):
+  if name in _SUBPACKAGES:
+    import importlib
+    return importlib.import_module(f"sharpjax.{name}")
+  raise AttributeError(f"module 'sharpjax' has no attribute {name!r}")
