@@ -60,8 +60,9 @@ Which parts are the paper's and which this library's construction:
 
 from __future__ import annotations
 
+import collections.abc
 import functools
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,10 +125,11 @@ def attention_blocks(params: Any) -> list[SymmetricBlock]:
   found = []
 
   def walk(node, path):
-    if not isinstance(node, dict):
+    if not isinstance(node, collections.abc.Mapping):
       return
     names = ("query", "key", "value", "out")
-    if all(isinstance(node.get(k), dict) and "kernel" in node[k] for k in names):
+    if all(isinstance(node.get(k), collections.abc.Mapping)
+           and "kernel" in node[k] for k in names):
       bias = lambda k: (path + (k, "bias")) if "bias" in node[k] else None
       found.append(SymmetricBlock(
           g=path + ("query", "kernel"), h=path + ("key", "kernel"),
