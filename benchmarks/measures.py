@@ -9,14 +9,15 @@ not depend on the values):
 - ``hessian_eigenpairs`` (top eigenvalue, power iteration, PyHessian's
   ``max_iters=100``, ``tol=1e-3``), ``hessian_trace`` (100 Rademacher probes)
   and ``spectral_density`` (SLQ, m = 90 Lanczos steps, one run) are timed end to
-  end: compile time (first call) and run time (best of ``--repeats`` later
+  end, with device loops (``loop="lax"``) and host loops (``loop="host"``): compile time (first call) and run time (best of ``--repeats`` later
   calls), the HVPs each used, and the HVP rate they achieve relative to the
   gradient rate (their overhead over the bare HVP shows up there).
 
 Models: the MNIST-1D CNN (``sharpjax.models.CNN1D``, 40 x 1 inputs, batch 128)
 and a WideResNet on CIFAR-10 shapes (32 x 32 x 3) measured in eval mode
 (BatchNorm running statistics); the WRN's depth, width and batch are reduced by
-default (WRN-10-1, batch 32) so the run fits a 2-core CPU in a few minutes.
+default (WRN-10-1, batch 32) and timed with host loops only by default, so the
+run fits a 2-core CPU in a few minutes.
 
 Writes ``benchmarks/results/measures.json`` and ``measures.md``.
 
@@ -106,36 +107,43 @@ def run_model(name: str, args) -> dict:
   _block(grad(params))
   _block(hvp())
   n = args.inner
-  t_grad = _best_time(lambda: [grad(params) for _ in range(n)][-1], args.repeats) / n
-  t_hvp = _best_time(lambda: [hvp() for _ in range(n)][-1], args.repeats) / n
+  n = n if name == "cnn" else max(1, n // 5)
+  t_grad = _best_time(lambda: [grad(params) for _ in range(n)][-1], 3) / n
+  t_hvp = _best_time(lambda: [hvp() for _ in range(n)][-1], 3) / n
   row.update(grad_per_s=1 / t_grad, hvp_per_s=1 / t_hvp, hvp_over_grad_cost=t_hvp / t_grad)
   print(f"  grad {1e3 * t_grad:.2f} ms, hvp {1e3 * t_hvp:.2f} ms "
         f"(hvp = {t_hvp / t_grad:.2f} grads)", flush=True)
 
   tasks = {
-      "top_eigenvalue": lambda: sm.hessian_eigenpairs(loss_fn, params, batch, key, k=1),
-      "trace_100": lambda: sm.hessian_trace(loss_fn, params, batch, key, num_probes=100),
-      "slq_90": lambda: sm.spectral_density(loss_fn, params, batch, key, num_steps=90),
+      "top_eigenvalue": lambda loop: sm.hessian_eigenpairs(
+          loss_fn, params, batch, key, k=1, loop=loop),
+      "trace_100": lambda loop: sm.hessian_trace(
+          loss_fn, params, batch, key, num_probes=100, loop=loop),
+      "slq_90": lambda loop: sm.spectral_density(
+          loss_fn, params, batch, key, num_steps=90, loop=loop),
   }
+  loops = args.wrn_loops if name == "wrn" else args.loops
+  repeats = args.wrn_repeats if name == "wrn" else args.repeats
   for task, fn in tasks.items():
-    t_first, out = _timed_first(fn)
-    t_run = _best_time(fn, args.repeats)
-    if task == "top_eigenvalue":
-      hvps = int(out.num_iterations[0])
-      value = float(out.eigenvalues[0])
-    elif task == "trace_100":
-      hvps, value = 100, float(out.trace)
-    else:
-      hvps = 90
-      value = float(jnp.max(out.nodes))
-    rate = hvps / t_run
-    row[task] = dict(
-        compile_s=max(t_first - t_run, 0.0), run_s=t_run, hvps=hvps,
-        hvp_per_s=rate, hvp_rate_over_grad_rate=rate * t_grad, value=value,
-    )
-    print(f"  {task}: {t_run:.3f} s for {hvps} HVPs ({rate:.1f} HVP/s, "
-          f"{rate * t_grad:.2f} of grad/s), compile {t_first - t_run:.1f} s, "
-          f"value {value:.4g}", flush=True)
+    for loop in loops:
+      t_first, out = _timed_first(lambda: fn(loop))
+      t_run = _best_time(lambda: fn(loop), repeats)
+      if task == "top_eigenvalue":
+        hvps = int(out.num_iterations[0])
+        value = float(out.eigenvalues[0])
+      elif task == "trace_100":
+        hvps, value = 100, float(out.trace)
+      else:
+        hvps = 90
+        value = float(jnp.max(out.nodes))
+      rate = hvps / t_run
+      row[f"{task}/{loop}"] = dict(
+          compile_s=max(t_first - t_run, 0.0), run_s=t_run, hvps=hvps,
+          hvp_per_s=rate, hvp_rate_over_grad_rate=rate * t_grad, value=value,
+      )
+      print(f"  {task} [{loop}]: {t_run:.3f} s for {hvps} HVPs ({rate:.1f} "
+            f"HVP/s, {rate * t_grad:.2f} of grad/s), compile "
+            f"{t_first - t_run:.1f} s, value {value:.4g}", flush=True)
   return row
 
 
@@ -144,10 +152,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
       "# Hessian measures: cost on CPU",
       "",
       f"{meta['date']}, jax {meta['jax']}, {meta['device']}, "
-      f"{meta['cpu_count']} CPU cores visible (shared machine: absolute times "
-      "are indicative, ratios are the figure to read). Random inputs, "
-      "parameters at initialisation, one batch. `run` is the best of "
-      f"{meta['repeats']} calls after the first; `compile` is the first call "
+      f"{meta['cpu_count']} CPU cores visible, load average "
+      f"{meta['load_average']:.1f} at the end (a shared machine: absolute "
+      "times are indicative, ratios within a model are the figure to read). "
+      "Random inputs, parameters at initialisation, one batch. `run` is the "
+      f"best of {meta['repeats']} calls after the first (WRN: "
+      f"{meta['wrn_repeats']}); `compile` is the first call "
       "minus `run`. The HVP/grad column is the HVP rate the measure reaches "
       "divided by the gradient rate (0.5 would be an HVP at exactly 2 "
       "gradients).",
@@ -162,22 +172,32 @@ def markdown(rows: list[dict], meta: dict) -> str:
     )
   lines += [
       "",
-      "| model | measure | HVPs | run (s) | compile (s) | HVP/s | HVP rate / grad rate | value |",
-      "|---|---|---:|---:|---:|---:|---:|---:|",
+      "| model | measure | loop | HVPs | run (s) | compile (s) | HVP/s | HVP rate / grad rate | value |",
+      "|---|---|---|---:|---:|---:|---:|---:|---:|",
   ]
   names = {"top_eigenvalue": "top eigenvalue (power, tol 1e-3)",
            "trace_100": "trace (Hutchinson, 100 probes)",
            "slq_90": "SLQ density (m = 90)"}
   for r in rows:
     for task, label in names.items():
-      t = r[task]
-      lines.append(
-          f"| {r['model']} | {label} | {t['hvps']} | {t['run_s']:.3f} | "
-          f"{t['compile_s']:.1f} | {t['hvp_per_s']:.1f} | "
-          f"{t['hvp_rate_over_grad_rate']:.2f} | {t['value']:.4g} |"
-      )
+      for loop in ("lax", "host"):
+        if f"{task}/{loop}" not in r:
+          continue
+        t = r[f"{task}/{loop}"]
+        lines.append(
+            f"| {r['model']} | {label} | {loop} | {t['hvps']} | "
+            f"{t['run_s']:.3f} | {t['compile_s']:.1f} | {t['hvp_per_s']:.1f} | "
+            f"{t['hvp_rate_over_grad_rate']:.2f} | {t['value']:.4g} |"
+        )
   lines.append("")
-  lines.append("Values: top eigenvalue, trace estimate, largest SLQ node.")
+  lines.append(
+      "Values: top eigenvalue, trace estimate, largest SLQ node. `lax`: the "
+      "whole measure is one jit with `lax` loops; `host`: a Python loop over "
+      "one compiled step per HVP (`loop=\"host\"`). XLA:CPU runs convolutions "
+      "inside device loops several times slower than outside "
+      "(jax-ml/jax#12868), which is what the `lax` rows pay on these conv nets; "
+      "MLPs do not pay it."
+  )
   return "\n".join(lines) + "\n"
 
 
@@ -190,8 +210,15 @@ def main():
   parser.add_argument("--wrn-width", type=int, default=1)
   parser.add_argument("--wrn-batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--wrn-repeats", type=int, default=1)
   parser.add_argument("--inner", type=int, default=10,
                       help="gradients / HVPs per timed call of the bare rates")
+  parser.add_argument("--loops", nargs="+", default=["lax", "host"],
+                      choices=["lax", "host"], help="loop modes for the CNN")
+  parser.add_argument("--wrn-loops", nargs="+", default=["host"],
+                      choices=["lax", "host"],
+                      help="loop modes for the WRN (device loops cost ~10x "
+                           "on XLA:CPU there: minutes per measure)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args()
 
@@ -203,6 +230,8 @@ def main():
       platform=platform.platform(),
       cpu_count=os.cpu_count(),
       repeats=args.repeats,
+      wrn_repeats=args.wrn_repeats,
+      loops=dict(cnn=args.loops, wrn=args.wrn_loops),
       load_average=os.getloadavg()[0],
   )
   args.out.mkdir(parents=True, exist_ok=True)
