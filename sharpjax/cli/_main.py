@@ -97,11 +97,11 @@ def _add_common(p: argparse.ArgumentParser, epochs_default: int) -> None:
       "method hyper-parameters (default: each method's own, see below)")
   for name in _methods.all_hyper_names():
     kind = int if name in _INT_HYPER else str if name in _STR_HYPER else float
-    users = [m for m in _methods.names()
-             if name in _methods.get(m).defaults]
+    users = [f"{m} {_methods.get(m).defaults[name]}"
+             for m in _methods.names() if name in _methods.get(m).defaults]
     h.add_argument("--" + name.replace("_", "-"), dest="hp_" + name,
                    type=_auto_or(kind), default=None, metavar=name.upper(),
-                   help=f"{', '.join(users)}")
+                   help="defaults: " + ", ".join(users))
   h.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=V",
                  help="one method's hyper-parameter (repeatable)")
   o = p.add_argument_group("output")
@@ -516,8 +516,9 @@ def cmd_measure(args) -> int:
        "eigenvalue" + ("s " if args.top_k > 1 else " ")
        + ", ".join(f"{x:.4g}" for x in out["top_eigenvalues"])
        + f"; trace {out['trace']:.4g} ± {out['trace_stderr']:.2g} "
-       f"({args.probes} probes); train loss {out['train_loss']:.4f}, test "
-       f"acc {100 * out['test_accuracy']:.2f}% ({out['examples']} examples)")
+       f"({args.probes} probes) on {out['examples']} training examples; "
+       f"train loss {out['train_loss']:.4f}, test acc "
+       f"{100 * out['test_accuracy']:.2f}%")
   _log(f"wrote {os.path.join(out_dir, 'measure.json')}"
        + "".join(f", {os.path.basename(p)}" for p in pngs))
   return 0
