@@ -329,10 +329,12 @@ def cmd_compare(args) -> int:
       f"{versions['jax']}; total {wall:.0f} s. Time per step: the fastest "
       "epoch's after compilation, median over seeds; λ_max: top Hessian eigenvalue of the "
       f"training loss on {config.sharpness_examples} training examples at "
-      "the end.")
+      "the end; peak RSS: the process's peak resident memory (getrusage) "
+      "when the method's last run ended; state: parameters + optimizer "
+      "state (SAF's bank, MESA's teacher).")
   table = _report.markdown(rows, header)
   payload = {
-      "command": "sharpjax " + " ".join(sys.argv[1:]) if sys.argv else "",
+      "command": "sharpjax " + " ".join(args.argv),
       "started": started, "finished": _report.utc_now(), "wall_s": wall,
       "config": config.to_dict(), "methods": methods, "seeds": seeds,
       "data": {"train": len(env.train), "test": len(env.test),
@@ -398,9 +400,17 @@ def cmd_train(args) -> int:
   total = runner.total_steps
   saved = {"step": None}
 
+  def position(step):
+    # Where the data iterator is: DataLoader(seed).batch(epoch, batch) is the
+    # next batch (the order of an epoch depends on (seed, epoch) alone).
+    return {"data_position": {"epoch": step // env.steps_per_epoch,
+                              "batch": step % env.steps_per_epoch,
+                              "steps_per_epoch": env.steps_per_epoch,
+                              "loader_seed": args.seed}}
+
   def on_step(st, prog):
     if prog.step % save_every == 0 or prog.step == total:
-      ckpt.save(st, run_def, prog.to_dict())
+      ckpt.save(st, run_def, prog.to_dict(), position(prog.step))
       saved["step"] = prog.step
 
   _log(f"sharpjax train: {args.method} seed {args.seed} on {config.data} "
@@ -420,11 +430,11 @@ def cmd_train(args) -> int:
           "run the same command with --resume to continue.",
           file=sys.stderr, flush=True)
     return 130
-  ckpt.save(state, run_def, progress.to_dict())
+  ckpt.save(state, run_def, progress.to_dict(), position(progress.step))
   result = _runner.summarize_run(args.method, args.seed, runner.hyper,
                                  progress, timing, state, None)
   os.makedirs(args.out, exist_ok=True)
-  payload = {"command": "sharpjax " + " ".join(sys.argv[1:]),
+  payload = {"command": "sharpjax " + " ".join(args.argv),
              "finished": _report.utc_now(), "run": run_def,
              "complete": progress.step >= total, "checkpoint_dir": ckpt_dir,
              "result": result.to_dict(), "versions": _report.versions(),
@@ -527,7 +537,9 @@ def cmd_measure(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the ``sharpjax`` command line; returns the exit status."""
   parser = build_parser()
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
+  args.argv = argv
   from sharpjax.cli import _checkpoint  # pylint: disable=g-import-not-at-top
   from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
   commands = {"compare": cmd_compare, "train": cmd_train,
