@@ -220,9 +220,10 @@ def power_iteration(
 
 def _lanczos_init(v0, num_steps):
   v = _normalize(v0.astype(jnp.float32))
-  zeros = jnp.zeros((num_steps,), jnp.float32)
   return (
-      jnp.zeros((num_steps, v.shape[0]), jnp.float32), zeros, zeros, v,
+      jnp.zeros((num_steps, v.shape[0]), jnp.float32),
+      jnp.zeros((num_steps,), jnp.float32),
+      jnp.zeros((num_steps,), jnp.float32) + 0.0, v,
       jnp.zeros_like(v), jnp.zeros((), jnp.float32),
   )
 
@@ -242,13 +243,16 @@ def _lanczos_body(matvec, key, breakdown_tol, j, carry):
   beta = jnp.linalg.norm(w)
   scale = jnp.maximum(jnp.linalg.norm(av), jnp.abs(alpha))
   broke = beta <= breakdown_tol * scale
-  r = jax.random.normal(jax.random.fold_in(key, j), v.shape)
-  r_norm0 = jnp.linalg.norm(r)
-  r = reorth(r)
-  restart = jnp.where(
-      jnp.linalg.norm(r) > 1e-3 * r_norm0, _normalize(r), 0.0
+
+  def restart(_):
+    r = jax.random.normal(jax.random.fold_in(key, j), v.shape)
+    r_norm0 = jnp.linalg.norm(r)
+    r = reorth(r)
+    return jnp.where(jnp.linalg.norm(r) > 1e-3 * r_norm0, _normalize(r), 0.0)
+
+  v_next = jax.lax.cond(
+      broke, restart, lambda _: w * base.safe_inverse(beta), None
   )
-  v_next = jnp.where(broke, restart, w * base.safe_inverse(beta))
   beta = jnp.where(broke, 0.0, beta)
   return (basis, alphas.at[j].set(alpha), betas.at[j].set(beta), v_next, v, beta)
 
@@ -374,7 +378,7 @@ def _host_power_iteration(loss_fn, params, batches, key, dim, k, max_iters, tol)
   return jnp.stack(values), basis, jnp.stack(iters)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=6)
 def _host_lanczos_step(loss_fn, params, batches, key, j, breakdown_tol, carry):
   _, matvec = _flat_matvec(loss_fn, params, batches)
   return _lanczos_body(matvec, key, breakdown_tol, j, carry)

@@ -263,6 +263,7 @@ def worst_case_sharpness(
     return_perturbation: bool = False,
     subsets_per_step: int | None = None,
     ascent: str = "scaled",
+    loop: str = "lax",
 ) -> SharpnessResult:
   r"""Worst-case (adaptive) m-sharpness by projected gradient ascent (m-APGD).
 
@@ -334,6 +335,11 @@ def worst_case_sharpness(
       are not maxima: on a small MLP it stalls below the one-step estimate
       even after 100 iterations.
 
+    loop: ``"lax"`` (default): one ``jax.jit`` with ``lax`` loops;
+      ``"host"``: a Python loop over subsets and iterations, one compiled
+      step per gradient (faster for convolutional networks on CPU, see
+      :func:`hessian_trace`).
+
   Returns:
     A :class:`SharpnessResult`.
 
@@ -359,96 +365,146 @@ def worst_case_sharpness(
       _data.as_batches(data, "worst_case_sharpness"), m, "worst_case_sharpness"
   )
   step = 2.0 * rho if step_size is None else step_size
+  if loop not in ("lax", "host"):
+    raise ValueError(f"loop must be 'lax' or 'host', got {loop!r}.")
   cfg = (norm, bool(adaptive), n_iters, float(momentum), float(min_update_ratio),
          bool(return_perturbation), subsets_per_step, ascent == "scaled")
-  return _worst_jit(
+  run = _worst_jit if loop == "lax" else _worst_host
+  return run(
       loss_fn, error_fn, params, batches, jnp.float32(rho), jnp.float32(step),
       cfg,
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 6))
-def _worst_jit(loss_fn, error_fn, params, batches, rho, step0, cfg):
-  norm, adaptive, n_iters, mu, min_ratio, keep_delta, chunk, scaled = cfg
+def _apgd_init(params, step0):
+  zeros = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+  f0 = jnp.zeros((), jnp.float32)
+  i0 = jnp.zeros((), jnp.int32)
+  step0 = jnp.asarray(step0, jnp.float32)
+  # (delta, prev, best_delta, best_grad, best_loss, clean_loss, step,
+  #  prev_step, prev_best, prev_cp, n_up)
+  return (zeros, zeros, zeros, zeros, f0, f0, step0, step0, f0, i0, i0)
+
+
+def _apgd_body(loss_fn, params, batch, rho, cfg, k, state):
+  """Iteration ``k`` of m-APGD on one subset (``k = n_iters`` only evaluates)."""
+  norm, adaptive, n_iters, mu, min_ratio, _, _, scaled = cfg
   c = _scale(params, adaptive)
   checkpoints = jnp.zeros((n_iters + 1,), bool).at[
       jnp.array([w for w in apgd_checkpoints(n_iters) if w <= n_iters])
   ].set(True)
-  zeros = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
-
-  def one_subset(batch):
-    value_and_grad = jax.value_and_grad(
-        lambda d: _data.mean_loss(
-            loss_fn, _data.tree_add_scaled(params, d, 1.0), batch,
-            "worst_case_sharpness",
-        )
-    )
-
-    def body(k, s):
-      (delta, prev, best_delta, best_grad, best_loss, clean_loss, step,
-       prev_step, prev_best, prev_cp, n_up) = s
-      loss, grad = value_and_grad(delta)
-      grad = jax.tree.map(lambda g: g.astype(jnp.float32), grad)
-      first = k == 0
-      clean_loss = jnp.where(first, loss, clean_loss)
-      # Book-keeping for the iterate produced by step i = k - 1.
-      i = k - 1
-      improved = (~first) & (loss > best_loss)
-      pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(improved, x, y), a, b)
-      best_delta = pick(delta, best_delta)
-      best_grad = jax.tree.map(
-          lambda x, y: jnp.where(first | improved, x, y), grad, best_grad
-      )
-      best_loss = jnp.where(first, loss, jnp.where(improved, loss, best_loss))
-      prev_best = jnp.where(first, loss, prev_best)
-      n_up = n_up + improved.astype(jnp.int32)
-      at_cp = (~first) & checkpoints[jnp.maximum(i, 0)]
-      cond1 = n_up < min_ratio * (i - prev_cp)
-      cond2 = (prev_step == step) & (prev_best == best_loss)
-      halve = at_cp & (cond1 | cond2)
-      prev_step = jnp.where(at_cp, step, prev_step)
-      prev_best = jnp.where(at_cp, best_loss, prev_best)
-      prev_cp = jnp.where(at_cp, i, prev_cp)
-      n_up = jnp.where(at_cp, 0, n_up)
-      step = jnp.where(halve, 0.5 * step, step)
-      restart = lambda a, b: jax.tree.map(lambda x, y: jnp.where(halve, x, y), a, b)
-      delta = restart(best_delta, delta)
-      grad = restart(best_grad, grad)
-      # Step n_iters only evaluates the last iterate.
-      z = _project(
-          _ascent(delta, grad, c, step, norm, scaled), c, rho, norm, adaptive,
-          scaled,
-      )
-      moved = jax.tree.map(lambda a, b: mu * a + (1.0 - mu) * b, z, prev)
-      last = k == n_iters
-      new_delta = jax.tree.map(lambda a, b: jnp.where(last, b, a), moved, delta)
-      new_prev = jax.tree.map(lambda a, b: jnp.where(last, b, a), delta, prev)
-      return (new_delta, new_prev, best_delta, best_grad, best_loss, clean_loss,
-              step, prev_step, prev_best, prev_cp, n_up)
-
-    f0 = jnp.zeros((), jnp.float32)
-    init = (zeros, zeros, zeros, zeros, f0, f0, step0, step0, f0,
-            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    out = jax.lax.fori_loop(0, n_iters + 1, body, init)
-    best_delta, best_loss, clean_loss = out[2], out[4], out[5]
-    if error_fn is None:
-      clean_err = perturbed_err = jnp.float32(jnp.nan)
-    else:
-      clean_err = _data.mean_error(error_fn, params, batch, "worst_case_sharpness")
-      perturbed_err = _data.mean_error(
-          error_fn, _data.tree_add_scaled(params, best_delta, 1.0), batch,
+  (delta, prev, best_delta, best_grad, best_loss, clean_loss, step,
+   prev_step, prev_best, prev_cp, n_up) = state
+  loss, grad = jax.value_and_grad(
+      lambda d: _data.mean_loss(
+          loss_fn, _data.tree_add_scaled(params, d, 1.0), batch,
           "worst_case_sharpness",
       )
-    result = dict(
-        clean_loss=clean_loss,
-        perturbed_loss=best_loss,
-        clean_error=clean_err,
-        perturbed_error=perturbed_err,
-        norm=base.tree_norm_f32(best_delta),
+  )(delta)
+  grad = jax.tree.map(lambda g: g.astype(jnp.float32), grad)
+  first = k == 0
+  clean_loss = jnp.where(first, loss, clean_loss)
+  # Book-keeping for the iterate produced by step i = k - 1.
+  i = k - 1
+  improved = (~first) & (loss > best_loss)
+  where = lambda cond, a, b: jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+  best_delta = where(improved, delta, best_delta)
+  best_grad = where(first | improved, grad, best_grad)
+  best_loss = jnp.where(first | improved, loss, best_loss)
+  prev_best = jnp.where(first, loss, prev_best)
+  n_up = n_up + improved.astype(jnp.int32)
+  at_cp = (~first) & checkpoints[jnp.maximum(i, 0)]
+  cond1 = n_up < min_ratio * (i - prev_cp)
+  cond2 = (prev_step == step) & (prev_best == best_loss)
+  halve = at_cp & (cond1 | cond2)
+  prev_step = jnp.where(at_cp, step, prev_step)
+  prev_best = jnp.where(at_cp, best_loss, prev_best)
+  prev_cp = jnp.where(at_cp, i, prev_cp)
+  n_up = jnp.where(at_cp, 0, n_up)
+  step = jnp.where(halve, 0.5 * step, step)
+  delta = where(halve, best_delta, delta)
+  grad = where(halve, best_grad, grad)
+  z = _project(
+      _ascent(delta, grad, c, step, norm, scaled), c, rho, norm, adaptive,
+      scaled,
+  )
+  moved = jax.tree.map(lambda a, b: mu * a + (1.0 - mu) * b, z, prev)
+  last = k == n_iters
+  return (where(last, delta, moved), where(last, prev, delta), best_delta,
+          best_grad, best_loss, clean_loss, step, prev_step, prev_best,
+          prev_cp, n_up)
+
+
+def _apgd_finish(error_fn, params, batch, state, keep_delta):
+  best_delta, best_loss, clean_loss = state[2], state[4], state[5]
+  name = "worst_case_sharpness"
+  if error_fn is None:
+    clean_err = perturbed_err = jnp.float32(jnp.nan)
+  else:
+    clean_err = _data.mean_error(error_fn, params, batch, name)
+    perturbed_err = _data.mean_error(
+        error_fn, _data.tree_add_scaled(params, best_delta, 1.0), batch, name
     )
-    return result, (best_delta if keep_delta else None)
+  result = dict(
+      clean_loss=clean_loss,
+      perturbed_loss=best_loss,
+      clean_error=clean_err,
+      perturbed_error=perturbed_err,
+      norm=base.tree_norm_f32(best_delta),
+  )
+  return result, (best_delta if keep_delta else None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def _worst_jit(loss_fn, error_fn, params, batches, rho, step0, cfg):
+  n_iters, keep_delta, chunk = cfg[2], cfg[5], cfg[6]
+
+  def one_subset(batch):
+    state = jax.lax.fori_loop(
+        0, n_iters + 1,
+        lambda k, st: _apgd_body(loss_fn, params, batch, rho, cfg, k, st),
+        _apgd_init(params, step0),
+    )
+    return _apgd_finish(error_fn, params, batch, state, keep_delta)
 
   means, per_group = _map_with_delta(one_subset, batches, chunk)
+  return _worst_result(means, per_group, keep_delta, batches)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _host_apgd_step(loss_fn, params, batch, rho, cfg, k, state):
+  return _apgd_body(loss_fn, params, batch, rho, cfg, k, state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _host_apgd_finish(error_fn, params, batch, state, keep_delta):
+  return _apgd_finish(error_fn, params, batch, state, keep_delta)
+
+
+def _worst_host(loss_fn, error_fn, params, batches, rho, step0, cfg):
+  n_iters, keep_delta = cfg[2], cfg[5]
+  init = jax.jit(_apgd_init)
+  per_group = []
+  for group, (count, _) in zip(batches.groups, batches.group_shapes):
+    outs = []
+    for j in range(count):
+      batch = jax.tree.map(lambda x, j=j: x[j], group)
+      state = init(params, step0)
+      for k in range(n_iters + 1):
+        state = _host_apgd_step(
+            loss_fn, params, batch, rho, cfg, jnp.int32(k), state
+        )
+      outs.append(_host_apgd_finish(error_fn, params, batch, state, keep_delta))
+    per_group.append(jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
+  total = None
+  for out, (_, size) in zip(per_group, batches.group_shapes):
+    sums = jax.tree.map(lambda o: size * jnp.sum(o, axis=0), out[0])
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  means = jax.tree.map(lambda t: t / float(batches.num_examples), total)
+  return _worst_result(means, per_group, keep_delta, batches)
+
+
+def _worst_result(means, per_group, keep_delta, batches):
   norms = jnp.concatenate([g[0]["norm"] for g in per_group])
   perturbation = None
   if keep_delta:
