@@ -289,8 +289,9 @@ def worst_case_sharpness(
   (the loss at each iterate comes with the next gradient) and one error
   evaluation.
 
-  Differences from the reference code: the adaptive ``l2`` step direction
-  (see ``ascent``); after a halving the next gradient *and*
+  Differences from the reference code: by default the adaptive ``l2`` step
+  and projection (``ascent="scaled"``; ``ascent="reference"`` reproduces the
+  code's); after a halving the next gradient *and*
   the iterate restart from the best perturbation (the code reloads the best
   weights for the gradient but keeps the running perturbation); random
   initialisation and restarts are not offered (off by default there).
