@@ -343,3 +343,18 @@ def test_import_sharpjax_stays_light():
           "'matplotlib', 'orbax', 'tqdm') if m in sys.modules]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_and_console_script_entry():
+  proc = subprocess.run([sys.executable, "-m", "sharpjax.cli", "compare",
+                         "--help"], capture_output=True, text=True, check=True)
+  for name in _methods.names():
+    assert re.search(rf"^  {name} ", proc.stdout, re.M), name
+  assert "start_epoch = max(1, epochs // 6)" in proc.stdout
+  import pathlib
+  pyproject = (pathlib.Path(__file__).resolve().parents[1]
+               / "pyproject.toml").read_text()
+  assert 'sharpjax = "sharpjax.cli:main"' in pyproject
+  # No command: argparse's usage error.
+  assert subprocess.run([sys.executable, "-m", "sharpjax.cli"],
+                        capture_output=True).returncode == 2
