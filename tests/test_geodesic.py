@@ -197,6 +197,27 @@ def test_bilinear_one_step_invariance():
     assert vals[0] > 0
 
 
+def test_ill_conditioned_orbit_in_float64():
+  """float64 parameters give float64 geometry: invariant even at cond(A) = 1e5."""
+  with jax.enable_x64(True):
+    r = np.random.default_rng(3)
+    g = jnp.asarray(r.normal(size=(5, 2)))
+    h = jnp.asarray(r.normal(size=(4, 2)))
+    batch = {"x": jnp.asarray(r.normal(size=(6, 5))),
+             "t": jnp.asarray(r.normal(size=(6, 4)))}
+    loss = lambda p, b: jnp.sum((b["x"] @ p["G"] @ p["H"].T - b["t"]) ** 2, -1)
+    block = sm.SymmetricBlock(g=("G",), h=("H",))
+    u, _ = np.linalg.qr(r.normal(size=(2, 2)))
+    for metric in ("inv", "mix"):
+      vals = []
+      for c in (1.0, 1e5):
+        a = jnp.asarray(u @ np.diag([c, 1.0]))
+        p = {"G": g @ jnp.linalg.inv(a), "H": h @ a.T}
+        vals.append(float(sm.geodesic_sharpness(
+            loss, p, batch, rho=0.3, blocks=[block], metric=metric).sharpness))
+      np.testing.assert_allclose(vals[1], vals[0], rtol=1e-5)
+
+
 def test_reduction_to_adaptive_worst_case():
   r = np.random.default_rng(4)
   params = {"dense": {"kernel": jnp.asarray(r.normal(size=(5, 3)), jnp.float32),
@@ -259,9 +280,12 @@ def _transform_head(params, head, a):
 
 
 def test_vit_blocks_detected():
-  params, _, _ = _vit_setup()
+  model = ViT(num_classes=3, patch_size=4, hidden_size=8, depth=2,
+              num_heads=2, mlp_dim=8)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 8, 8, 1)))["params"]
   blocks = sm.attention_blocks(params)
-  assert len(blocks) == 2
+  assert len(blocks) == 4
   assert blocks[0].g[-2:] == ("query", "kernel")
   assert blocks[1].h[-2:] == ("out", "kernel") and blocks[1].h_layout == "Hhr"
 
