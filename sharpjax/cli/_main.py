@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--sharpness-examples", type=int, default=500,
                  help="training examples of the Hessian measure (default "
                  "500)")
+  c.add_argument("--trace-probes", type=int, default=0,
+                 help="also estimate the Hessian trace at the end of each run "
+                 "with this many Hutchinson probes (default 0: off)")
 
   t = sub.add_parser(
       "train", formatter_class=fmt, epilog=epilog,
@@ -303,8 +306,10 @@ def cmd_compare(args) -> int:
       state, progress, timing = runner.run(
           seed, show_progress=show, label=f"{m} seed {seed}")
       sharp = None if probe is None else probe.top_eigenvalue(state, seed)
+      trace = (probe.trace(state, seed, args.trace_probes)
+               if probe is not None and args.trace_probes else None)
       r = _runner.summarize_run(m, seed, runner.hyper, progress, timing,
-                                state, sharp)
+                                state, sharp, trace)
       del state
       results.append(r)
       f = r.final

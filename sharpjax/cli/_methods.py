@@ -251,6 +251,13 @@ register(Method(
     "Deng et al., Asymptotic Unbiased Sample Sampling to Speed Up "
     "Sharpness-Aware Minimization, AAAI 2025"))
 register(Method(
+    "sagm", "SAGM: SAM plus gradient matching of the clean and perturbed "
+    "losses (2 fwd-bwd)",
+    {"rho": 0.05, "alpha": 0.001},
+    lambda h, b: sj.sagm(rho=h["rho"], alpha=h["alpha"]),
+    "Wang et al., Sharpness-Aware Gradient Matching for Domain "
+    "Generalization, CVPR 2023"))
+register(Method(
     "saf", "SAF: KL to each example's logits of delay_epochs ago "
     "(1 fwd-bwd + a logit bank)",
     {"strength": 0.3, "temperature": 5.0, "delay_epochs": AUTO,

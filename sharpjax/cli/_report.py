@@ -64,6 +64,7 @@ def summarize(results: Sequence[Any], methods: Sequence[str]) -> list[dict]:
     acc = _mean_std([r.final.get("test_accuracy") for r in rs])
     loss = _mean_std([r.final.get("train_loss") for r in rs])
     sharp = _mean_std([r.sharpness for r in rs])
+    trace = _mean_std([r.hessian_trace for r in rs])
     ms = float(np.median([r.ms_per_step for r in rs]))
     rows.append({
         "method": m, "seeds": len(rs),
@@ -74,6 +75,7 @@ def summarize(results: Sequence[Any], methods: Sequence[str]) -> list[dict]:
         "peak_rss_mib": float(max(r.peak_rss_mib for r in rs)),
         "state_kib": float(rs[0].state_bytes / 1024.0),
         "top_eigenvalue_mean": sharp[0], "top_eigenvalue_std": sharp[1],
+        "hessian_trace_mean": trace[0], "hessian_trace_std": trace[1],
         "hyper": rs[0].hyper,
     })
   return rows
@@ -88,8 +90,11 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
   sharp = any(np.isfinite(r["top_eigenvalue_mean"]) for r in rows)
   cols = ["method", "test acc % (mean ± std)", "final train loss",
           "ms / step", "× SGD", "peak RSS MiB", "state KiB"]
+  traced = any(np.isfinite(r.get("hessian_trace_mean", np.nan)) for r in rows)
   if sharp:
     cols.append("λ_max (Hessian)")
+  if traced:
+    cols.append("tr H (Hutchinson)")
   lines = [f"| {' | '.join(cols)} |",
            "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
   for r in rows:
@@ -105,6 +110,8 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
     ]
     if sharp:
       cells.append(_fmt(r["top_eigenvalue_mean"], ".2f"))
+    if traced:
+      cells.append(_fmt(r["hessian_trace_mean"], ".1f"))
     lines.append(f"| {' | '.join(cells)} |")
   text = "\n".join(lines) + "\n"
   return (header.rstrip() + "\n\n" + text) if header else text

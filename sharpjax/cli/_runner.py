@@ -86,6 +86,7 @@ class RunResult:
   peak_rss_mib: float
   state_bytes: int
   sharpness: Optional[float] = None
+  hessian_trace: Optional[float] = None
 
   @property
   def final(self) -> dict:
@@ -353,24 +354,35 @@ class SharpnessProbe:
 
     self.loss_fn = loss_fn
 
+  def _loss_of(self, state):
+    """The per-example loss over the parameters, model state held fixed."""
+    fixed = state.model_state
+    if not jax.tree.leaves(fixed):
+      return self._stateless  # one function object: compiles once
+    return lambda p, b: self.loss_fn((p, fixed), b)
+
   def top_eigenvalue(self, state, seed: int = 0, max_iters: int = 20) -> float:
     from sharpjax import measures  # pylint: disable=g-import-not-at-top
-    params = state.params
-    fixed = state.model_state
-    loss = lambda p, b: self.loss_fn((p, fixed), b)
-    if not jax.tree.leaves(fixed):
-      loss = self._stateless
-    r = measures.hessian_eigenpairs(loss, params, self.batch,
-                                    jax.random.PRNGKey(seed), k=1,
+    r = measures.hessian_eigenpairs(self._loss_of(state), state.params,
+                                    self.batch, jax.random.PRNGKey(seed), k=1,
                                     max_iters=max_iters, tol=1e-3)
     return float(r.eigenvalues[0])
+
+  def trace(self, state, seed: int = 0, num_probes: int = 20) -> float:
+    """Hutchinson estimate of the Hessian trace (Rademacher probes)."""
+    from sharpjax import measures  # pylint: disable=g-import-not-at-top
+    r = measures.hessian_trace(self._loss_of(state), state.params, self.batch,
+                               jax.random.PRNGKey(seed),
+                               num_probes=num_probes)
+    return float(r.trace)
 
   def _stateless(self, params, batch):
     return self.loss_fn((params, {}), batch)
 
 
 def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
-                  timing: dict, state, sharpness: Optional[float]) -> RunResult:
+                  timing: dict, state, sharpness: Optional[float],
+                  hessian_trace: Optional[float] = None) -> RunResult:
   ms = timing["epoch_ms"]
   return RunResult(
       method=method, seed=seed, hyper=dict(hyper), history=progress.history,
@@ -380,4 +392,4 @@ def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
       peak_rss_mib=peak_rss_mib(),
       state_bytes=tree_bytes((state.params, state.model_state,
                               state.opt_state)),
-      sharpness=sharpness)
+      sharpness=sharpness, hessian_trace=hessian_trace)
