@@ -123,11 +123,7 @@ def mesa(
         strength=jnp.asarray(strength, jnp.float32),
         start_epoch=jnp.asarray(start_epoch, jnp.int32),
         steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32),
-        diagnostics=trajectory.TrajectoryDiagnostics(
-            epoch=jnp.zeros([], jnp.int32),
-            penalty_active=jnp.zeros([], jnp.bool_),
-            dropped_ids=jnp.zeros([], jnp.int32),
-        ),
+        diagnostics=trajectory.init_diagnostics(),
     )
 
   def update_fn(updates, state, params=None, *, model_state=None,

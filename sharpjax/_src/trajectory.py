@@ -43,6 +43,14 @@ class TrajectoryDiagnostics(NamedTuple):
 diagnostics_lib.register_record(TrajectoryDiagnostics)
 
 
+def init_diagnostics() -> TrajectoryDiagnostics:
+  return TrajectoryDiagnostics(
+      epoch=jnp.zeros([], jnp.int32),
+      penalty_active=jnp.zeros([], jnp.bool_),
+      dropped_ids=jnp.zeros([], jnp.int32),
+  )
+
+
 def tempered_kl(
     target_logits: jax.Array, logits: jax.Array, temperature: jax.Array
 ) -> jax.Array:
