@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sharpjax._src import ausam as ausam_lib
 from sharpjax._src import diagnostics as diagnostics_lib
 from sharpjax._src import mesa as mesa_lib
 from sharpjax._src import saf as saf_lib
@@ -327,6 +328,10 @@ def make_trainer(
       The bank's ``num_examples`` must then be a multiple of the data axis
       size (round it up; ids stay below the true data set size), else
       ``init`` raises.
+      AUSAM's per-example score table (``scores``, ``visits``) is sharded
+      the same way (``PartitionSpec(data_axis)``), with the same rule for its
+      ``num_examples``. Over a mesh spanning several processes each host
+      then holds only its devices' rows.
     donate: donate the state buffers to ``step``.
     validate: check each batch on the host before the step (keys, batch size,
       input rank, label range); the label check reads the labels, so on
@@ -502,6 +507,7 @@ def make_trainer(
     replicated = jax.sharding.NamedSharding(mesh, P())
     data_sharding = jax.sharding.NamedSharding(mesh, P(data_axis))
     bank_sharding = jax.sharding.NamedSharding(mesh, P(None, data_axis))
+    table_sharding = jax.sharding.NamedSharding(mesh, P(data_axis))
 
     def state_shardings(state):
       """Replicated, except (with shard_saf_bank) SAF's bank by example."""
@@ -518,10 +524,21 @@ def make_trainer(
                 "stay below the real data set size).")
           return jax.tree.map(lambda _: replicated, x)._replace(
               logit_bank=bank_sharding, recorded_epoch=bank_sharding)
+        if shard_saf_bank and isinstance(x, ausam_lib.AUSAMState):
+          rows = x.scores.shape[0]
+          if rows % num_devices:
+            raise ValueError(
+                f"make_trainer(shard_saf_bank=True): AUSAM's score table has "
+                f"num_examples={rows} rows, not a multiple of the "
+                f"{num_devices} devices of the data axis; build sj.ausam with "
+                f"num_examples={-(-rows // num_devices) * num_devices}.")
+          return jax.tree.map(lambda _: replicated, x)._replace(
+              scores=table_sharding, visits=table_sharding)
         return replicated
 
-      is_saf = lambda x: isinstance(x, saf_lib.SAFState)
-      return jax.tree.map(node, state, is_leaf=is_saf)
+      is_table = lambda x: isinstance(x, (saf_lib.SAFState,
+                                          ausam_lib.AUSAMState))
+      return jax.tree.map(node, state, is_leaf=is_table)
 
     def constrained(fn):
       def wrapped(*args):

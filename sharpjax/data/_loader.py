@@ -48,6 +48,17 @@ class DataLoader:
       :class:`sharpjax.data.RandomCropFlip`.
     prefetch: batches prepared ahead in a background thread (0: none).
     transform: ``batch -> batch`` applied last (in the prefetch thread).
+    num_shards: split every global batch of ``batch_size`` rows into this
+      many row blocks, one per process of a multi-process run (e.g.
+      ``jax.process_count()``); ``batch_size`` stays the global size and
+      must be a multiple of it.
+    shard_index: the block this loader yields (e.g. ``jax.process_index()``):
+      rows ``[i * batch_size / num_shards, (i + 1) * batch_size /
+      num_shards)`` of each global batch, ids included, so every process
+      builds the same loader (same seed, same global order) and gathers only
+      its own examples. Augmentation then draws from ``(seed, epoch, step,
+      shard_index)``: the same run with another number of shards augments
+      differently.
 
   Example:
     >>> from sharpjax import data
@@ -71,6 +82,8 @@ class DataLoader:
       augment: Optional[Augment] = None,
       prefetch: int = 2,
       transform: Optional[Callable[[Batch], Any]] = None,
+      num_shards: int = 1,
+      shard_index: int = 0,
   ):
     self.dataset = dataset
     self.batch_size = base.check_int("batch_size", batch_size, low=1)
@@ -80,6 +93,19 @@ class DataLoader:
     self.augment = augment
     self.prefetch = base.check_int("prefetch", prefetch, low=0)
     self.transform = transform
+    self.num_shards = base.check_int("num_shards", num_shards, low=1)
+    self.shard_index = base.check_int("shard_index", shard_index, low=0)
+    if self.shard_index >= self.num_shards:
+      raise ValueError(f"shard_index must be in [0, {self.num_shards}) "
+                       f"(num_shards), got {shard_index}.")
+    if self.batch_size % self.num_shards:
+      raise ValueError(
+          f"batch_size ({batch_size}) must be a multiple of num_shards "
+          f"({num_shards}): each shard gets an equal block of every batch.")
+    if self.num_shards > 1 and not drop_last:
+      raise ValueError(
+          "num_shards > 1 needs drop_last=True: a short last batch would not "
+          "split into equal blocks.")
     if drop_last and self.batch_size > len(dataset):
       raise ValueError(
           f"batch_size ({batch_size}) is larger than the data set "
@@ -112,11 +138,15 @@ class DataLoader:
     return self._assemble(epoch, step, ids)
 
   def _assemble(self, epoch: int, step: int, ids: np.ndarray) -> Batch:
+    if self.num_shards > 1:
+      b = self.batch_size // self.num_shards
+      ids = ids[self.shard_index * b:(self.shard_index + 1) * b]
     x = self.dataset.x[ids]
     if self.augment is not None:
-      rng = np.random.default_rng(
-          np.random.SeedSequence([self.seed, int(epoch), int(step), 1])
-      )
+      entropy = [self.seed, int(epoch), int(step), 1]
+      if self.num_shards > 1:
+        entropy.append(self.shard_index)
+      rng = np.random.default_rng(np.random.SeedSequence(entropy))
       x = self.augment(x, rng)
     return {
         "x": x,
