@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sharpjax._src import base
 from sharpjax.measures import _data
@@ -362,6 +363,7 @@ def _host_power_step(loss_fn, params, batches, basis, found, state):
 
 _power_start_jit = jax.jit(_power_start)
 _orth_jit = jax.jit(_orth)
+_power_continue_jit = jax.jit(_power_continue, static_argnums=(1, 2))
 
 
 def _host_power_iteration(loss_fn, params, batches, key, dim, k, max_iters, tol):
@@ -370,7 +372,7 @@ def _host_power_iteration(loss_fn, params, batches, key, dim, k, max_iters, tol)
   for i in range(k):
     found = (jnp.arange(k) < i).astype(jnp.float32)
     state = _power_start_jit(key, i, basis, found)
-    while bool(_power_continue(state, max_iters, tol)):
+    while bool(_power_continue_jit(state, max_iters, tol)):
       state = _host_power_step(loss_fn, params, batches, basis, found, state)
     basis = basis.at[i].set(_orth_jit(state[0], basis, found))
     values.append(state[1])
@@ -405,7 +407,7 @@ def _host_hutchinson(loss_fn, params, batches, key, dim, num_probes, chunk):
   outs = [
       _host_probes(
           loss_fn, params, batches, key,
-          jnp.arange(start, min(start + chunk, num_probes)), dim,
+          np.arange(start, min(start + chunk, num_probes), dtype=np.int32), dim,
       )
       for start in range(0, num_probes, chunk)
   ]
