@@ -212,7 +212,7 @@ def ausam(
     ...     optax.sgd(0.1, momentum=0.9))
 
   References:
-    Deng, Pang and Zhang, Asymptotic Unbiased Sample Sampling to Speed Up
+    Deng et al., Asymptotic Unbiased Sample Sampling to Speed Up
     Sharpness-Aware Minimization, AAAI 2025. https://arxiv.org/abs/2406.08001
   """
   base.check_range("rho", rho, low=0.0)

@@ -327,8 +327,9 @@ def gaqat_scale_filter(
   tau in {0.1, 0.2, 0.3, 0.5}).
 
   Args:
-    window, threshold, disorder_kind, flip_source, freeze_component,
-      scale_label: see :func:`scale_gradient_filter`.
+    window: see :func:`scale_gradient_filter`, like ``threshold``,
+      ``disorder_kind``, ``flip_source``, ``freeze_component`` and
+      ``scale_label``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state
@@ -372,8 +373,9 @@ def fqat_layer_filter(
   the defaults are this library's.
 
   Args:
-    window, threshold, top_k, disorder_kind, flip_source, freeze_component,
-      scale_label: see :func:`scale_gradient_filter`.
+    window: see :func:`scale_gradient_filter`, like ``threshold``,
+      ``top_k``, ``disorder_kind``, ``flip_source``, ``freeze_component`` and
+      ``scale_label``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state
