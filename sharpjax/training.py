@@ -23,15 +23,18 @@ needs and that is easy to get wrong:
   and the state buffers donated. With ``axis_name`` the step runs under
   ``jax.pmap`` instead, gradients averaged over that axis.
 
-Mapping to TPU pods (the same program on every host; not exercised by the
-tests, which run one process): start one Python process per host, call
-``jax.distributed.initialize()`` before anything else, and build the mesh
-over all hosts' devices, e.g. ``Mesh(np.array(jax.devices()), ("data",))``
+Mapping to TPU pods (the same program on every host; tested with real CPU
+processes through :mod:`sharpjax.launch`, see the multi-process guide):
+start one Python process per host, call ``jax.distributed.initialize()``
+(or :func:`sharpjax.launch.initialize`) before anything else, and build the
+mesh over all hosts' devices, e.g. ``Mesh(np.array(jax.devices()), ("data",))``
 or ``jax.make_mesh((jax.device_count(),), ("data",))``. Every process builds
 the same ``DataLoader`` (same seed, so the same global order and ids) and
 keeps its rows of each global batch of size B,
 ``jax.tree.map(lambda v: v[i * b:(i + 1) * b], batch)`` with
-``i = jax.process_index()`` and ``b = B // jax.process_count()``;
+``i = jax.process_index()`` and ``b = B // jax.process_count()``
+(``DataLoader(..., num_shards=jax.process_count(),
+shard_index=jax.process_index())`` loads only those rows);
 :meth:`Trainer.shard_batch` (called by ``step``) assembles those
 process-local rows into one global array with
 ``jax.make_array_from_process_local_data``. Every process then runs the same
@@ -39,7 +42,8 @@ process-local rows into one global array with
 all-reduce of the gradients, so SAF ids stay global dataset indices and the
 bank (replicated, or sharded by example with ``shard_saf_bank``) stays one
 global bank. Checkpoint the state with orbax, which writes sharded arrays
-from all processes.
+from all processes (:func:`sharpjax.launch.save_state` /
+:func:`sharpjax.launch.restore_state`).
 """
 
 from __future__ import annotations

@@ -114,6 +114,13 @@ def process_rows(batch: Any, index: Optional[int] = None,
 
   Returns:
     The same pytree with ``B / count`` rows per leaf.
+
+  Example:
+    >>> import numpy as np
+    >>> from sharpjax import launch
+    >>> batch = {"x": np.zeros((8, 3)), "ids": np.arange(8)}
+    >>> launch.process_rows(batch, index=1, count=4)["ids"]
+    array([2, 3])
   """
   index = jax.process_index() if index is None else int(index)
   count = jax.process_count() if count is None else int(count)
