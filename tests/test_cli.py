@@ -253,10 +253,10 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (["compare", "--methods", "sgd", "sharp"],
      "unknown method 'sharp'; valid methods: sgd, sam, asam"),
     (["compare", "--model", "resnet9"],
-     "unknown model 'resnet9'; valid models: cnn1d, mlp"),
+     "unknown model 'resnet9'; valid models: cnn1d, mlp, resnet18, wrn28"),
     (["train", "--data", "mnist"],
-     "unknown data set 'mnist'; valid data sets: mnist1d, digits, synthetic "
-     "(did you mean 'mnist1d'?)"),
+     "unknown data set 'mnist'; valid data sets: mnist1d, digits, synthetic, "
+     "cifar10, cifar100 (did you mean 'mnist1d'?)"),
     (["train", "--method", "sam", "--set", "sam.radius=0.1"],
      "method 'sam' has no hyper-parameter 'radius'; its hyper-parameters "
      "are: rho"),
@@ -358,3 +358,26 @@ def test_python_dash_m_and_console_script_entry():
   # No command: argparse's usage error.
   assert subprocess.run([sys.executable, "-m", "sharpjax.cli"],
                         capture_output=True).returncode == 2
+
+
+def test_compare_on_cifar_format_images_with_resnet(tmp_path, capsys):
+  """CIFAR read from a local .npz (never downloaded), ResNet-18 (narrow),
+  the random crop + flip augmentation path; and a clear error without
+  --data-dir."""
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "cifar10.npz",
+           x_train=rng.integers(0, 255, (128, 32, 32, 3), dtype=np.uint8),
+           y_train=rng.integers(0, 10, 128),
+           x_test=rng.integers(0, 255, (32, 32, 32, 3), dtype=np.uint8),
+           y_test=rng.integers(0, 10, 32))
+  out = tmp_path / "out"
+  assert main(["compare", "--data", "cifar10", "--data-dir", str(tmp_path),
+               "--model", "resnet18", "--width", "4", "--methods", "sam",
+               "--seeds", "1", "--epochs", "1", "--batch-size", "64",
+               "--no-sharpness", "--progress", "off", "--out", str(out)]) == 0
+  result = json.loads((out / "results.json").read_text())
+  assert [r["method"] for r in result["table"]] == ["sgd", "sam"]
+  assert result["config"]["data_dir"] == str(tmp_path)
+  assert main(["compare", "--data", "cifar10", "--methods", "sgd",
+               "--out", str(tmp_path / "x")]) == 2
+  assert "--data-dir" in capsys.readouterr().err

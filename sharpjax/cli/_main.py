@@ -69,6 +69,9 @@ def _add_common(p: argparse.ArgumentParser, epochs_default: int) -> None:
                  help="data set: " + ", ".join(
                      f"{k} ({v[1]})" for k, v in _setup.DATA.items())
                  + f" (default {d.data})")
+  g.add_argument("--data-dir", default=None,
+                 help="directory of data read from disk (cifar10/cifar100: "
+                 "the python-pickle release or a .npz; never downloaded)")
   g.add_argument("--num-examples", type=int, default=None,
                  help="examples to generate/keep (mnist1d: train + test, "
                  "default 5000 = 4000 train / 1000 test)")
@@ -223,7 +226,8 @@ def _config(args) -> _setup.Config:
       batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
       momentum=args.momentum, weight_decay=args.weight_decay,
       warmup_epochs=args.warmup_epochs,
-      sharpness_examples=getattr(args, "sharpness_examples", 500))
+      sharpness_examples=getattr(args, "sharpness_examples", 500),
+      data_dir=getattr(args, "data_dir", None))
   _setup.check_names(config)
   _setup.check_finite_config(config)
   return config

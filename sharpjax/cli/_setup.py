@@ -34,6 +34,7 @@ class Config:
     weight_decay: decoupled L2 added to the update (0: none).
     warmup_epochs: linear warm-up of the learning rate.
     sharpness_examples: training examples the Hessian measures use.
+    data_dir: where data read from disk lives (CIFAR); None otherwise.
   """
 
   data: str = "mnist1d"
@@ -48,6 +49,7 @@ class Config:
   weight_decay: float = 5e-4
   warmup_epochs: int = 0
   sharpness_examples: int = 500
+  data_dir: Optional[str] = None
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -63,18 +65,21 @@ class Config:
 # ---------------------------------------------------------------------------
 
 
-def _mnist1d(n: Optional[int]):
+def _mnist1d(n: Optional[int], data_dir: Optional[str] = None):
+  del data_dir
   from sharpjax import data  # pylint: disable=g-import-not-at-top
   return data.load_mnist1d(5000 if n is None else n)
 
 
-def _digits(n: Optional[int]):
+def _digits(n: Optional[int], data_dir: Optional[str] = None):
+  del data_dir
   from sharpjax import data  # pylint: disable=g-import-not-at-top
   train, test = data.load_digits()
   return data.Splits(train if n is None else train.subset(n), test)
 
 
-def _synthetic(n: Optional[int]):
+def _synthetic(n: Optional[int], data_dir: Optional[str] = None):
+  del data_dir
   from sharpjax import data  # pylint: disable=g-import-not-at-top
   n = 2000 if n is None else n
   full = data.make_synthetic(n, input_shape=(40,), num_classes=10, noise=2.0)
@@ -86,11 +91,28 @@ def _synthetic(n: Optional[int]):
                         name="synthetic/test"))
 
 
-DATA: dict[str, tuple[Callable[[Optional[int]], Any], str]] = {
+def _cifar(num_classes: int):
+  def load(n: Optional[int], data_dir: Optional[str] = None):
+    from sharpjax import data  # pylint: disable=g-import-not-at-top
+    if data_dir is None:
+      raise ValueError(
+          f"--data cifar{num_classes} reads the data from disk: pass "
+          "--data-dir DIR (the python-pickle release or a .npz; see "
+          "sharpjax.data.load_cifar). Nothing is downloaded.")
+    train, test = data.load_cifar(data_dir, num_classes)
+    return data.Splits(train if n is None else train.subset(n), test)
+  return load
+
+
+DATA: dict[str, tuple[Callable[..., Any], str]] = {
     "mnist1d": (_mnist1d, "MNIST-1D, generated offline (default 5,000 "
                 "examples: 4,000 train / 1,000 test, 40 x 1 signals)"),
     "digits": (_digits, "scikit-learn's 8x8 digits (1,437 train / 360 test)"),
     "synthetic": (_synthetic, "Gaussian blobs, 40 inputs, 10 classes (tests)"),
+    "cifar10": (_cifar(10), "CIFAR-10 from --data-dir (50,000 / 10,000, "
+                "random crop + flip)"),
+    "cifar100": (_cifar(100), "CIFAR-100 from --data-dir (50,000 / 10,000, "
+                 "random crop + flip)"),
 }
 
 
@@ -105,11 +127,26 @@ def _mlp(num_classes: int, width: Optional[int]):
   return models.MLP(features=(w, w), num_classes=num_classes)
 
 
+def _resnet18(num_classes: int, width: Optional[int]):
+  from sharpjax import models  # pylint: disable=g-import-not-at-top
+  return models.ResNet18(num_classes=num_classes, width=width or 64)
+
+
+def _wrn(num_classes: int, width: Optional[int]):
+  from sharpjax import models  # pylint: disable=g-import-not-at-top
+  return models.WideResNet(depth=28, widen_factor=width or 10,
+                           num_classes=num_classes)
+
+
 MODELS: dict[str, tuple[Callable[[int, Optional[int]], Any], str]] = {
     "cnn1d": (_cnn1d, "MNIST-1D's 1D CNN (3 strided convolutions, width 25: "
               "5,210 parameters)"),
     "mlp": (_mlp, "two hidden layers of width 100 (15,210 parameters on "
             "MNIST-1D)"),
+    "resnet18": (_resnet18, "CIFAR ResNet-18 with BatchNorm (11.2M "
+                 "parameters; --width is the first stage's channels)"),
+    "wrn28": (_wrn, "WideResNet-28 (--width is the widen factor, default 10: "
+              "36.5M parameters)"),
 }
 
 
@@ -177,8 +214,10 @@ class Env:
 
   def loader(self, seed: int):
     from sharpjax import data  # pylint: disable=g-import-not-at-top
+    # Images get the standard augmentation (random crop with padding + flip).
+    augment = data.RandomCropFlip() if self.train.x.ndim == 4 else None
     return data.DataLoader(self.train, batch_size=self.config.batch_size,
-                           seed=seed, prefetch=0)
+                           seed=seed, prefetch=0, augment=augment)
 
 
 # One jitted model init and evaluation per (model, input shape) in a process:
@@ -219,7 +258,7 @@ def make_env(config: Config) -> Env:
   """Loads the data and builds the model of ``config``."""
   check_names(config)
   from sharpjax import data  # pylint: disable=g-import-not-at-top
-  train, test = DATA[config.data][0](config.num_examples)
+  train, test = DATA[config.data][0](config.num_examples, config.data_dir)
   if config.label_noise:
     train = data.add_label_noise(train, config.label_noise, seed=0)
   if config.batch_size > len(train):
