@@ -184,6 +184,9 @@ def launch(
 
   start = time.monotonic()
   status, reported, stopping = 0, set(), False
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
     while True:
       codes = [p.poll() for p in procs]
@@ -209,17 +212,44 @@ def launch(
         break
       time.sleep(0.05)
   except KeyboardInterrupt:
+    note("interrupted; stopping the processes.")
     _stop(procs)
     status = 130
   finally:
     _stop(procs, grace=1.0)
     for t in threads:
       t.join(timeout=5.0)
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return status
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def _watch_parent(parent: int) -> None:
+  """Exits the worker if the launcher that started it is gone."""
+
+  def watch():
+    while True:
+      time.sleep(1.0)
+      if os.getppid() != parent:
+        try:  # the launcher read our output: the pipe may be gone
+          sys.stderr.write("sharpjax.launch: the launcher exited; "
+                           "stopping.\n")
+          sys.stderr.flush()
+        except OSError:
+          pass
+        os._exit(1)
+
+  threading.Thread(target=watch, daemon=True).start()
 
 
 def _run_worker(command: list[str]) -> None:
   """Inside a worker: connect to the others, then run the target."""
+  _watch_parent(os.getppid())
   try:
     initialize()
     if command[0] == "-m":

@@ -328,6 +328,51 @@ def test_ausam_table_sharded_by_example_over_the_mesh():
     run(True, n=66)
 
 
+def test_checkpoint_reshards_a_mesa_state_and_continues(tmp_path):
+  """MESA (teacher in the optimizer state) + SAF-free chain on a 4-device
+  mesh, checkpointed after 3 steps, restored onto a 2-device mesh: the same
+  leaves (teacher included), placed on the new mesh, and the next step's
+  parameters equal those of the uninterrupted run."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import sharpjax as sj  # pylint: disable=g-import-not-at-top
+  from sharpjax import data, launch, training  # pylint: disable=g-import-not-at-top
+
+  ds = data.make_synthetic(32, input_shape=(5,), num_classes=3, seed=0)
+  loader = data.DataLoader(ds, 8, seed=0, prefetch=0)
+
+  def trainer(devices):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+    tx = optax.chain(sj.mesa(0.5, start_epoch=0, steps_per_epoch=4),
+                     optax.sgd(0.1, momentum=0.9))
+    return training.make_trainer(nn.Dense(3), tx, mesh=mesh,
+                                 train_kwarg=None)
+
+  four, two = trainer(4), trainer(2)
+  state = four.init(jax.random.PRNGKey(0), loader.batch(0, 0))
+  for k in range(3):
+    state, _ = four.step(state, loader.batch(0, k))
+  launch.save_state(str(tmp_path), 3, state, {"step": 3, "epoch": 0,
+                                              "batch": 3})
+  assert launch.latest_step(str(tmp_path)) == 3
+  template = two.init(jax.random.PRNGKey(1), loader.batch(0, 0))
+  restored, meta = launch.restore_state(str(tmp_path), template)
+  assert meta == {"step": 3, "epoch": 0, "batch": 3}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+    assert len(a.sharding.device_set) == 2
+  teacher = sj.find_trajectory_state(restored.opt_state).teacher_params
+  assert not np.allclose(jax.tree.leaves(teacher)[0],
+                         jax.tree.leaves(restored.params)[0])
+  want, _ = four.step(state, loader.batch(0, 3))
+  got, _ = two.step(restored, loader.batch(0, 3))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  with pytest.raises(TypeError, match="raw key data"):
+    launch.save_state(str(tmp_path), 4, {"k": jax.random.key(0)})
+
+
 def test_launcher_timeout_stops_a_hanging_run(tmp_path):
   """A process that never finishes: the launcher's --timeout kills every
   process still running and returns 124."""
