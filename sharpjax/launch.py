@@ -148,7 +148,14 @@ def launch(
 
   Returns:
     0 if every process exited with 0; else the exit status of the first
-    process that failed (a signal ``s`` gives ``128 + s``), or 124 on timeout.
+    process seen failing (a signal ``s`` gives ``128 + s``), 124 on timeout,
+    130 when interrupted (Ctrl-C or SIGTERM to the launcher).
+
+  Example:
+    >>> from sharpjax import launch
+    >>> launch.launch(["train.py", "--epochs", "3"], num_processes=2,
+    ...               devices_per_process=2, timeout=600)  # doctest: +SKIP
+    0
   """
   command = list(command)
   if not command:

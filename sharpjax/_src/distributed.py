@@ -182,6 +182,15 @@ def save_state(directory: str, step: int, state: Any,
 
   Returns:
     ``step``.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sharpjax import launch
+    >>> ckpt = tempfile.mkdtemp()
+    >>> launch.save_state(ckpt, 7, {"w": jnp.ones(3)}, {"epoch": 1})
+    7
+    >>> launch.restore_state(ckpt, {"w": jnp.zeros(3)})
+    ({'w': Array([1., 1., 1.], dtype=float32)}, {'epoch': 1})
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _check_keys(state)
