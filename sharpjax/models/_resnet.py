@@ -66,8 +66,10 @@ class ResNet(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> from sharpjax.models import ResNet18
     >>> model = ResNet18(num_classes=10, width=8)
-    >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
-    >>> model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape
+    >>> x = jnp.zeros((2, 32, 32, 3))
+    >>> # Shapes only (jax.eval_shape): call model.init / model.apply to compute.
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> jax.eval_shape(model.apply, variables, x).shape
     (2, 10)
 
   References:
