@@ -7,8 +7,9 @@ times, the methods interleaved within each repeat so that drift of the machine
 hits all of them alike; the figure kept is the minimum time per step, and the
 ratio is to SGD with the same number of classes from the same run.
 
-Writes ``benchmarks/results/overhead.json`` and ``overhead.md``, and prints the
-markdown table.
+Writes ``benchmarks/results/overhead.json`` and ``overhead.md`` (with
+``--model resnet18``, ResNet-18 with BatchNorm on 32x32x3 batches of 128:
+``overhead-resnet18.*``), and prints the markdown table.
 
     python benchmarks/overhead.py                 # every method
     python benchmarks/overhead.py --methods sgd sam --steps 50
@@ -34,24 +35,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import sharpjax as sj
+from sharpjax import models
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BATCH, LENGTH = 128, 40
 LR = 0.05
 
 
-class CNN1D(nn.Module):
-  """The MNIST-1D convolutional baseline (3 conv layers of 25 channels)."""
+def _cnn1d(num_classes):
+  # The MNIST-1D convolutional baseline (3 strided convolutions of 25 channels,
+  # 5,210 parameters), on [B, 40, 1] signals.
+  return models.CNN1D(num_classes=num_classes), (LENGTH, 1)
 
-  num_classes: int = 10
-  features: int = 25
 
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1, 1)
-    for kernel in (5, 3, 3):
-      x = nn.relu(nn.Conv(self.features, (kernel,), strides=2, padding=1)(x))
-    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+def _resnet18(num_classes):
+  # CIFAR ResNet-18 with BatchNorm (11.2M parameters), on 32x32x3 images.
+  return models.ResNet18(num_classes=num_classes), (32, 32, 3)
+
+
+MODELS = {"cnn1d": _cnn1d, "resnet18": _resnet18}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,64 +143,97 @@ def per_example_ce(logits, labels):
 
 
 def make_step(model: nn.Module, tx, kind: str):
-  """A jitted ``step(params, opt_state, batch) -> (params, opt_state)``."""
-  apply = lambda p, x: model.apply({"params": p}, x)
+  """A jitted ``step(carry, opt_state, batch) -> (carry, opt_state)``.
 
-  def loss_fn(params, batch):
-    return per_example_ce(apply(params, batch["x"]), batch["y"])
+  ``carry`` is ``(params, model_state)``; ``model_state`` holds BatchNorm
+  statistics (``{}`` for a model without any). The clean pass's statistics
+  are kept, the perturbed pass's discarded, as ``sharpjax.training`` does.
+  """
 
-  def mean_grad(params, batch):
-    return jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+  def forward(params, model_state, x):
+    if not model_state:
+      return model.apply({"params": params}, x, train=True), model_state
+    logits, new = model.apply({"params": params, **model_state}, x,
+                              train=True, mutable=list(model_state))
+    return logits, new
+
+  def step_fn(body):
+    def step(carry, opt_state, batch):
+      params, model_state = carry
+
+      def loss_fn(p, b):  # per-example losses, new model state as aux
+        logits, new_state = forward(p, model_state, b["x"])
+        return per_example_ce(logits, b["y"]), new_state
+
+      def mean_grad(p):
+        return jax.grad(lambda q: loss_fn(q, batch)[0].mean())(p)
+
+      params, new_state, opt_state = body(params, model_state, opt_state,
+                                          batch, loss_fn, mean_grad)
+      return (params, new_state), opt_state
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  def clean(params, model_state, batch):
+    logits, new_state = forward(params, model_state, batch["x"])
+    return per_example_ce(logits, batch["y"]).mean(), (logits, new_state)
 
   if kind == "plain":
-    def step(params, opt_state, batch):
-      updates, opt_state = tx.update(mean_grad(params, batch), opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+    def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
+      (_, (_, new_state)), grads = jax.value_and_grad(clean, has_aux=True)(
+          params, model_state, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_state, opt_state
 
   elif kind == "contrib_opaque":
-    def step(params, opt_state, batch):
-      updates, opt_state = tx.update(
-          mean_grad(params, batch), opt_state, params,
-          grad_fn=lambda p, _: mean_grad(p, batch))
-      return optax.apply_updates(params, updates), opt_state
+    def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
+      (_, (_, new_state)), grads = jax.value_and_grad(clean, has_aux=True)(
+          params, model_state, batch)
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     grad_fn=lambda p, _: mean_grad(p))
+      return optax.apply_updates(params, updates), new_state, opt_state
 
   elif kind == "contrib_transparent":
-    def step(params, opt_state, batch):
-      for _ in range(2):  # adversarial call, then the real update
-        updates, opt_state = tx.update(mean_grad(params, batch), opt_state,
-                                       params)
+    def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
+      (_, (_, new_state)), grads = jax.value_and_grad(clean, has_aux=True)(
+          params, model_state, batch)
+      for call in range(2):  # adversarial call, then the real update
+        if call:
+          grads = mean_grad(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-      return params, opt_state
+      return params, new_state, opt_state
 
   elif kind == "sharpjax":
-    def step(params, opt_state, batch):
+    def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
       trajectory = sj.find_trajectory_state(opt_state)
 
       def total_loss(p):
-        logits = apply(p, batch["x"])
-        loss = per_example_ce(logits, batch["y"]).mean()
+        loss, (logits, new_state) = clean(p, model_state, batch)
         if trajectory is not None:
           loss = loss + sj.trajectory_penalty(
               opt_state, logits, batch["ids"],
-              teacher_fn=lambda tp, _: apply(tp, batch["x"]))
-        return loss, logits
+              teacher_fn=lambda tp, _: model.apply(
+                  {"params": tp, **model_state}, batch["x"], train=False))
+        return loss, (logits, new_state)
 
-      (loss, logits), grads = jax.value_and_grad(total_loss, has_aux=True)(
-          params)
+      (loss, (logits, new_state)), grads = jax.value_and_grad(
+          total_loss, has_aux=True)(params)
       updates, opt_state = tx.update(
           grads, opt_state, params, loss_fn=loss_fn, batch=batch,
-          logits=logits, ids=batch["ids"], value=loss)
-      return optax.apply_updates(params, updates), opt_state
+          has_aux=True, logits=logits, ids=batch["ids"], value=loss)
+      return optax.apply_updates(params, updates), new_state, opt_state
 
   else:
     raise ValueError(f"unknown step kind {kind!r}")
-  return jax.jit(step, donate_argnums=(0, 1))
+  return step_fn(body)
 
 
-def make_batch(num_classes: int, num_examples: int, seed: int = 0):
+def make_batch(num_classes: int, num_examples: int, input_shape=(40, 1),
+               seed: int = 0):
+  """One synthetic batch (timing does not depend on the data's values)."""
   rng = np.random.default_rng(seed)
   return {
-      "x": jnp.asarray(rng.normal(size=(BATCH, LENGTH, 1)), jnp.float32),
+      "x": jnp.asarray(rng.normal(size=(BATCH, *input_shape)), jnp.float32),
       "y": jnp.asarray(rng.integers(0, num_classes, BATCH), jnp.int32),
       "ids": jnp.asarray(rng.choice(num_examples, BATCH, replace=False),
                          jnp.int32),
@@ -216,33 +251,34 @@ class Runner:
   temp_bytes: int | None = None
 
   def run(self, num_steps: int) -> float:
-    params, opt_state = self.params, self.opt_state
+    carry, opt_state = self.params, self.opt_state
     start = time.perf_counter()
     for _ in range(num_steps):
-      params, opt_state = self.step(params, opt_state, self.batch)
-    jax.block_until_ready((params, opt_state))
+      carry, opt_state = self.step(carry, opt_state, self.batch)
+    jax.block_until_ready((carry, opt_state))
     elapsed = (time.perf_counter() - start) / num_steps
-    self.params, self.opt_state = params, opt_state
+    self.params, self.opt_state = carry, opt_state
     return elapsed
 
 
-def build(method: Method, warmup: int) -> Runner:
-  model = CNN1D(num_classes=method.num_classes)
-  batch = make_batch(method.num_classes, method.num_examples)
-  params = model.init(jax.random.PRNGKey(0), batch["x"])["params"]
+def build(method: Method, warmup: int, model_name: str = "cnn1d") -> Runner:
+  model, input_shape = MODELS[model_name](method.num_classes)
+  batch = make_batch(method.num_classes, method.num_examples, input_shape)
+  variables = dict(model.init(jax.random.PRNGKey(0), batch["x"], train=False))
+  params = variables.pop("params")
   tx = method.make_tx()
   # Copy: some states alias the parameters (contrib.sam's cache), and both
   # are donated.
   opt_state = jax.tree.map(jnp.copy, tx.init(params))
+  carry = (params, variables)
   step = make_step(model, tx, method.kind)
-  lowered = step.lower(params, opt_state, batch)
-  compiled = lowered.compile()
+  compiled = step.lower(carry, opt_state, batch).compile()
   temp = None
   try:
     temp = int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # memory analysis is not available on every backend
     pass
-  runner = Runner(method, step, params, opt_state, batch, temp_bytes=temp)
+  runner = Runner(method, step, carry, opt_state, batch, temp_bytes=temp)
   runner.run(warmup)
   return runner
 
@@ -263,6 +299,9 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=10)
+  parser.add_argument("--model", choices=sorted(MODELS), default="cnn1d",
+                      help="cnn1d (default; results in overhead.*) or "
+                      "resnet18 on 32x32x3 batches (overhead-resnet18.*)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
   if args.steps < 1 or args.repeats < 1:
@@ -283,7 +322,7 @@ def main(argv=None):
   rows = list(baselines.values()) + [m for m in methods if m.name != "sgd"]
 
   print(f"compiling {len(rows)} steps...", file=sys.stderr)
-  runners = [build(m, args.warmup) for m in rows]
+  runners = [build(m, args.warmup, args.model) for m in rows]
   for r in range(args.repeats):
     for runner in runners:
       runner.times.append(runner.run(args.steps))
@@ -307,13 +346,16 @@ def main(argv=None):
       commit=git_commit(), jax=jax.__version__, optax=optax.__version__,
       device=str(jax.devices()[0].device_kind), platform=platform.platform(),
       cpu_count=os.cpu_count(), batch=BATCH, steps=args.steps,
-      repeats=args.repeats, model="CNN1D (3x conv 25, MNIST-1D 40x1)")
+      repeats=args.repeats,
+      model={"cnn1d": "CNN1D (3x conv 25, MNIST-1D 40x1)",
+             "resnet18": "ResNet-18 (BatchNorm, 32x32x3)"}[args.model])
   table = markdown(results, meta)
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "overhead.json").write_text(
+  stem = "overhead" if args.model == "cnn1d" else f"overhead-{args.model}"
+  (args.out / f"{stem}.json").write_text(
       json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
-  (args.out / "overhead.md").write_text(table + "\n")
+  (args.out / f"{stem}.md").write_text(table + "\n")
 
 
 def markdown(results, meta) -> str:
