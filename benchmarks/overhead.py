@@ -322,7 +322,12 @@ def main(argv=None):
   rows = list(baselines.values()) + [m for m in methods if m.name != "sgd"]
 
   print(f"compiling {len(rows)} steps...", file=sys.stderr)
-  runners = [build(m, args.warmup, args.model) for m in rows]
+  runners = []
+  for m in rows:
+    start = time.perf_counter()
+    runners.append(build(m, args.warmup, args.model))
+    print(f"  {m.name}: compiled and warmed up in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
   for r in range(args.repeats):
     for runner in runners:
       runner.times.append(runner.run(args.steps))

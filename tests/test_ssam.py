@@ -121,11 +121,15 @@ class SsamTest(parameterized.TestCase):
     if 0 < m.sum() < n:
       self.assertGreaterEqual(f[m].min(), f[~m].max())
 
-  def test_fisher_diagonal_is_the_sum_of_squared_per_example_gradients(self):
+  # None: the whole batch in one vmap (small model); 1, 2, 3: a scan over
+  # chunks, as for a model too large to hold every per-example gradient.
+  @parameterized.parameters(None, 1, 2, 3, 6)
+  def test_fisher_diagonal_is_the_sum_of_squared_per_example_gradients(
+      self, chunk_size):
     params = helpers.tiny_params()
     batch = helpers.tiny_batch(size=6)
-    got = jax.jit(lambda p, b: ssam_lib.fisher_diagonal(helpers.loss_fn, p, b))(
-        params, batch)
+    got = jax.jit(lambda p, b: ssam_lib.fisher_diagonal(
+        helpers.loss_fn, p, b, chunk_size=chunk_size))(params, batch)
     # One jax.grad per example, by a Python loop.
     grad_fn = jax.jit(jax.grad(lambda p, one: helpers.loss_fn(p, one)[0]))
     want = jax.tree.map(jnp.zeros_like, params)
@@ -133,6 +137,25 @@ class SsamTest(parameterized.TestCase):
       g = grad_fn(params, jax.tree.map(lambda x: x[i:i + 1], batch))
       want = jax.tree.map(lambda a, b: a + b ** 2, want, g)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+
+  def test_fisher_chunk_must_divide_the_batch(self):
+    with self.assertRaisesRegex(ValueError, "chunk_size=4 must divide"):
+      ssam_lib.fisher_diagonal(helpers.loss_fn, helpers.tiny_params(),
+                               helpers.tiny_batch(size=6), chunk_size=4)
+
+  def test_fisher_of_a_large_model_is_chunked(self):
+    # 2**25 parameters: only 2 per-example gradients fit in the 2**26-float
+    # budget, so 8 examples become a scan of 4 chunks of 2 (traced, not run).
+    def loss_fn(params, batch):
+      return jnp.sum(params["w"]) * batch["x"][:, 0]
+
+    params = {"w": jax.ShapeDtypeStruct((2**25,), jnp.float32)}
+    batch = {"x": jax.ShapeDtypeStruct((8, 1), jnp.float32)}
+    jaxpr = jax.make_jaxpr(
+        lambda p, b: ssam_lib.fisher_diagonal(loss_fn, p, b))(params, batch)
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    self.assertLen(scans, 1)
+    self.assertEqual(scans[0].params["length"], 4)
 
   def test_sparsity_zero_is_sam(self):
     tx_ssam = optax.chain(sj.ssam(rho=0.3, sparsity=0.0, update_every=2),

@@ -593,10 +593,6 @@ def _geodesic_jit(loss_fn, error_fn, params, batches, rho, step0, cfg):
   (blocks, metric, eps, geodesic, ode_steps, n_iters, mu, min_ratio,
    keep_xi, chunk) = cfg
   geo = _Geometry(params, blocks, metric, eps, geodesic, ode_steps)
-  checkpoints = jnp.zeros((n_iters + 1,), bool).at[
-      jnp.array([w for w in _sharpness.apgd_checkpoints(n_iters)
-                 if w <= n_iters])
-  ].set(True)
   # The tangent vectors live in float32 (float64 for float64 parameters).
   zeros = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), _work_dtype(w)),
                        params)
@@ -611,49 +607,17 @@ def _geodesic_jit(loss_fn, error_fn, params, batches, rho, step0, cfg):
     value_and_grad = jax.value_and_grad(
         lambda xi: _data.mean_loss(loss_fn, geo.point(xi), batch, name))
 
-    def body(k, s):
-      (xi, prev, best_xi, best_grad, best_loss, clean_loss, step,
-       prev_step, prev_best, prev_cp, n_up) = s
-      loss, grad = value_and_grad(xi)
+    def body(k, state):
+      loss, grad = value_and_grad(state.x)
       grad = jax.tree.map(lambda g, z: g.astype(z.dtype), grad, zeros)
-      first = k == 0
-      clean_loss = jnp.where(first, loss, clean_loss)
-      i = k - 1
-      improved = (~first) & (loss > best_loss)
-      pick = lambda a, b: jax.tree.map(
-          lambda x, y: jnp.where(improved, x, y), a, b)
-      best_xi = pick(xi, best_xi)
-      best_grad = jax.tree.map(
-          lambda x, y: jnp.where(first | improved, x, y), grad, best_grad)
-      best_loss = jnp.where(first, loss, jnp.where(improved, loss, best_loss))
-      prev_best = jnp.where(first, loss, prev_best)
-      n_up = n_up + improved.astype(jnp.int32)
-      at_cp = (~first) & checkpoints[jnp.maximum(i, 0)]
-      cond1 = n_up < min_ratio * (i - prev_cp)
-      cond2 = (prev_step == step) & (prev_best == best_loss)
-      halve = at_cp & (cond1 | cond2)
-      prev_step = jnp.where(at_cp, step, prev_step)
-      prev_best = jnp.where(at_cp, best_loss, prev_best)
-      prev_cp = jnp.where(at_cp, i, prev_cp)
-      n_up = jnp.where(at_cp, 0, n_up)
-      step = jnp.where(halve, 0.5 * step, step)
-      restart = lambda a, b: jax.tree.map(
-          lambda x, y: jnp.where(halve, x, y), a, b)
-      xi = restart(best_xi, xi)
-      grad = restart(best_grad, grad)
-      z = geo.project(ascent(xi, grad, step), rho)
-      moved = jax.tree.map(lambda a, b: mu * a + (1.0 - mu) * b, z, prev)
-      last = k == n_iters
-      new_xi = jax.tree.map(lambda a, b: jnp.where(last, b, a), moved, xi)
-      new_prev = jax.tree.map(lambda a, b: jnp.where(last, b, a), xi, prev)
-      return (new_xi, new_prev, best_xi, best_grad, best_loss, clean_loss,
-              step, prev_step, prev_best, prev_cp, n_up)
+      return _sharpness.apgd_iteration(
+          state, k, loss, grad, n_iters=n_iters, momentum=mu,
+          min_update_ratio=min_ratio,
+          propose=lambda xi, g, step: geo.project(ascent(xi, g, step), rho))
 
-    f0 = jnp.zeros((), jnp.float32)
-    init = (zeros, zeros, zeros, zeros, f0, f0, step0, step0, f0,
-            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    out = jax.lax.fori_loop(0, n_iters + 1, body, init)
-    best_xi, best_loss, clean_loss = out[2], out[4], out[5]
+    out = jax.lax.fori_loop(0, n_iters + 1, body,
+                            _sharpness.apgd_init(zeros, step0))
+    best_xi, best_loss, clean_loss = out.best_x, out.best_loss, out.clean_loss
     if error_fn is None:
       clean_err = perturbed_err = jnp.float32(jnp.nan)
     else:
@@ -665,26 +629,5 @@ def _geodesic_jit(loss_fn, error_fn, params, batches, rho, step0, cfg):
                   norm=geo.norm(best_xi))
     return result, (best_xi if keep_xi else None)
 
-  total, per_group = None, []
-  for group, (_, size) in zip(batches.groups, batches.group_shapes):
-    res = jax.lax.map(one_subset, group, batch_size=chunk)
-    per_group.append(res)
-    s = jax.tree.map(lambda o: size * jnp.sum(o, axis=0), res[0])
-    total = s if total is None else jax.tree.map(jnp.add, total, s)
-  means = jax.tree.map(lambda t: t / float(batches.num_examples), total)
-  norms = jnp.concatenate([g[0]["norm"] for g in per_group])
-  perturbation = None
-  if keep_xi:
-    perturbation = jax.tree.map(lambda *xs: jnp.concatenate(xs),
-                                *[g[1] for g in per_group])
-  return _sharpness.SharpnessResult(
-      sharpness=means["perturbed_loss"] - means["clean_loss"],
-      error_increase=means["perturbed_error"] - means["clean_error"],
-      clean_loss=means["clean_loss"],
-      perturbed_loss=means["perturbed_loss"],
-      clean_error=means["clean_error"],
-      perturbed_error=means["perturbed_error"],
-      perturbation_norm=jnp.max(norms),
-      perturbation=perturbation,
-      num_subsets=sum(n for n, _ in batches.group_shapes),
-  )
+  means, per_group = _sharpness._map_with_delta(one_subset, batches, chunk)
+  return _sharpness._worst_result(means, per_group, keep_xi, batches)

@@ -377,67 +377,114 @@ def worst_case_sharpness(
   )
 
 
-def _apgd_init(params, step0):
-  zeros = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+class ApgdState(NamedTuple):
+  """m-APGD's iterate and step-size book-keeping on one subset.
+
+  ``x`` is the current perturbation and ``prev`` the one before it (for the
+  momentum); ``best_*`` the highest-loss point seen and its gradient; the
+  ``prev_*`` fields and ``n_up`` (improvements since the last checkpoint) decide
+  at each checkpoint whether the step is halved (Croce & Hein, 2020).
+  """
+
+  x: Any
+  prev: Any
+  best_x: Any
+  best_grad: Any
+  best_loss: jax.Array
+  clean_loss: jax.Array
+  step: jax.Array
+  prev_step: jax.Array
+  prev_best: jax.Array
+  prev_cp: jax.Array
+  n_up: jax.Array
+
+
+def apgd_init(zeros: Any, step0) -> ApgdState:
+  """The state before iteration 0: every point ``zeros``, step ``step0``."""
   f0 = jnp.zeros((), jnp.float32)
   i0 = jnp.zeros((), jnp.int32)
   step0 = jnp.asarray(step0, jnp.float32)
-  # (delta, prev, best_delta, best_grad, best_loss, clean_loss, step,
-  #  prev_step, prev_best, prev_cp, n_up)
-  return (zeros, zeros, zeros, zeros, f0, f0, step0, step0, f0, i0, i0)
+  return ApgdState(zeros, zeros, zeros, zeros, f0, f0, step0, step0, f0, i0,
+                   i0)
+
+
+def apgd_iteration(
+    state: ApgdState, k, loss, grad, *, n_iters: int, momentum: float,
+    min_update_ratio: float, propose: Callable[[Any, Any, Any], Any],
+) -> ApgdState:
+  """Iteration ``k`` of m-APGD given ``loss`` and ``grad`` at ``state.x``.
+
+  Records the best point; at a checkpoint of :func:`apgd_checkpoints` halves
+  the step and restarts from the best point when fewer than
+  ``min_update_ratio`` of the iterations since the last checkpoint improved
+  (or nothing changed); then moves to ``momentum * z + (1 - momentum) * prev``
+  with ``z = propose(x, grad, step)`` (an ascent step, projected). Iteration
+  ``k = n_iters`` only evaluates: ``x`` stays.
+  """
+  checkpoints = jnp.zeros((n_iters + 1,), bool).at[
+      jnp.array([w for w in apgd_checkpoints(n_iters) if w <= n_iters])
+  ].set(True)
+  where = lambda cond, a, b: jax.tree.map(
+      lambda x, y: jnp.where(cond, x, y), a, b)
+  first = k == 0
+  clean_loss = jnp.where(first, loss, state.clean_loss)
+  # Book-keeping for the iterate produced by step i = k - 1.
+  i = k - 1
+  improved = (~first) & (loss > state.best_loss)
+  best_x = where(improved, state.x, state.best_x)
+  best_grad = where(first | improved, grad, state.best_grad)
+  best_loss = jnp.where(first | improved, loss, state.best_loss)
+  prev_best = jnp.where(first, loss, state.prev_best)
+  n_up = state.n_up + improved.astype(jnp.int32)
+  at_cp = (~first) & checkpoints[jnp.maximum(i, 0)]
+  cond1 = n_up < min_update_ratio * (i - state.prev_cp)
+  cond2 = (state.prev_step == state.step) & (prev_best == best_loss)
+  halve = at_cp & (cond1 | cond2)
+  prev_step = jnp.where(at_cp, state.step, state.prev_step)
+  prev_best = jnp.where(at_cp, best_loss, prev_best)
+  prev_cp = jnp.where(at_cp, i, state.prev_cp)
+  n_up = jnp.where(at_cp, 0, n_up)
+  step = jnp.where(halve, 0.5 * state.step, state.step)
+  x = where(halve, best_x, state.x)
+  grad = where(halve, best_grad, grad)
+  z = propose(x, grad, step)
+  moved = jax.tree.map(
+      lambda a, b: momentum * a + (1.0 - momentum) * b, z, state.prev)
+  last = k == n_iters
+  return ApgdState(where(last, x, moved), where(last, state.prev, x), best_x,
+                   best_grad, best_loss, clean_loss, step, prev_step,
+                   prev_best, prev_cp, n_up)
+
+
+def _apgd_init(params, step0):
+  return apgd_init(
+      jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params),
+      step0)
 
 
 def _apgd_body(loss_fn, params, batch, rho, cfg, k, state):
   """Iteration ``k`` of m-APGD on one subset (``k = n_iters`` only evaluates)."""
   norm, adaptive, n_iters, mu, min_ratio, _, _, scaled = cfg
   c = _scale(params, adaptive)
-  checkpoints = jnp.zeros((n_iters + 1,), bool).at[
-      jnp.array([w for w in apgd_checkpoints(n_iters) if w <= n_iters])
-  ].set(True)
-  (delta, prev, best_delta, best_grad, best_loss, clean_loss, step,
-   prev_step, prev_best, prev_cp, n_up) = state
   loss, grad = jax.value_and_grad(
       lambda d: _data.mean_loss(
           loss_fn, _data.tree_add_scaled(params, d, 1.0), batch,
           "worst_case_sharpness",
       )
-  )(delta)
+  )(state.x)
   grad = jax.tree.map(lambda g: g.astype(jnp.float32), grad)
-  first = k == 0
-  clean_loss = jnp.where(first, loss, clean_loss)
-  # Book-keeping for the iterate produced by step i = k - 1.
-  i = k - 1
-  improved = (~first) & (loss > best_loss)
-  where = lambda cond, a, b: jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
-  best_delta = where(improved, delta, best_delta)
-  best_grad = where(first | improved, grad, best_grad)
-  best_loss = jnp.where(first | improved, loss, best_loss)
-  prev_best = jnp.where(first, loss, prev_best)
-  n_up = n_up + improved.astype(jnp.int32)
-  at_cp = (~first) & checkpoints[jnp.maximum(i, 0)]
-  cond1 = n_up < min_ratio * (i - prev_cp)
-  cond2 = (prev_step == step) & (prev_best == best_loss)
-  halve = at_cp & (cond1 | cond2)
-  prev_step = jnp.where(at_cp, step, prev_step)
-  prev_best = jnp.where(at_cp, best_loss, prev_best)
-  prev_cp = jnp.where(at_cp, i, prev_cp)
-  n_up = jnp.where(at_cp, 0, n_up)
-  step = jnp.where(halve, 0.5 * step, step)
-  delta = where(halve, best_delta, delta)
-  grad = where(halve, best_grad, grad)
-  z = _project(
-      _ascent(delta, grad, c, step, norm, scaled), c, rho, norm, adaptive,
-      scaled,
+  return apgd_iteration(
+      state, k, loss, grad, n_iters=n_iters, momentum=mu,
+      min_update_ratio=min_ratio,
+      propose=lambda x, g, step: _project(
+          _ascent(x, g, c, step, norm, scaled), c, rho, norm, adaptive, scaled
+      ),
   )
-  moved = jax.tree.map(lambda a, b: mu * a + (1.0 - mu) * b, z, prev)
-  last = k == n_iters
-  return (where(last, delta, moved), where(last, prev, delta), best_delta,
-          best_grad, best_loss, clean_loss, step, prev_step, prev_best,
-          prev_cp, n_up)
 
 
 def _apgd_finish(error_fn, params, batch, state, keep_delta):
-  best_delta, best_loss, clean_loss = state[2], state[4], state[5]
+  best_delta, best_loss, clean_loss = (
+      state.best_x, state.best_loss, state.clean_loss)
   name = "worst_case_sharpness"
   if error_fn is None:
     clean_err = perturbed_err = jnp.float32(jnp.nan)
