@@ -28,8 +28,9 @@ import argparse
 import datetime
 import json
 import pathlib
-import subprocess
 import sys
+
+from _common import git_commit  # benchmarks/ is the script's sys.path[0]
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -43,15 +44,6 @@ PAPER_CIFAR = {
     "cifar100": {"sgd": (78.32, 1.0), "sam": (80.18, 0.510),
                  "saf": (80.06, 0.980), "mesa": (79.79, 0.843)},
 }
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.check_output(
-        ["git", "rev-parse", "--short", "HEAD"], text=True,
-        cwd=pathlib.Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
-  except Exception:
-    return "unknown"
 
 
 def _device_name(device) -> str:

@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -36,6 +35,8 @@ import numpy as np
 import optax
 import sharpjax as sj
 from sharpjax import models
+
+from _common import git_commit  # benchmarks/ is the script's sys.path[0]
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BATCH, LENGTH = 128, 40
@@ -281,15 +282,6 @@ def build(method: Method, warmup: int, model_name: str = "cnn1d") -> Runner:
   runner = Runner(method, step, carry, opt_state, batch, temp_bytes=temp)
   runner.run(warmup)
   return runner
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.check_output(
-        ["git", "rev-parse", "--short", "HEAD"], text=True,
-        cwd=pathlib.Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
-  except Exception:
-    return "unknown"
 
 
 def main(argv=None):

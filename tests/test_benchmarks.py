@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end (tiny budgets; the numbers are not checked).
+
+A broken benchmark would otherwise go unnoticed until someone regenerates the
+README's tables. Each script runs as a user runs it (``python benchmarks/...``)
+with a budget of seconds, writing into a temporary directory.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_script(name, *args):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / name), *args],
+      capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_overhead_writes_a_ratio_for_every_method_asked(tmp_path):
+  run_script("overhead.py", "--methods", "sam", "saf", "--steps", "1",
+             "--repeats", "1", "--warmup", "1", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "overhead.json").read_text())
+  rows = {r["method"]: r for r in result["results"]}
+  assert set(rows) == {"sgd", "sam", "saf"}
+  assert rows["sgd"]["ratio_to_sgd"] == 1.0
+  assert all(r["ms_per_step"] > 0 for r in rows.values())
+  assert result["meta"]["commit"]
+  assert "| sam | 10 |" in (tmp_path / "overhead.md").read_text()
+
+
+def test_overhead_rejects_an_unknown_method(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--methods",
+       "sharp", "--out", str(tmp_path)], capture_output=True, text=True,
+      cwd=ROOT, timeout=300)
+  assert proc.returncode == 2
+  assert "unknown methods ['sharp']" in proc.stderr
+
+
+def test_generalization_writes_table_json_and_plot(tmp_path):
+  run_script("generalization.py", "--methods", "sgd", "saf", "--seeds", "1",
+             "--epochs", "1", "--width", "4", "--noise", "0.0", "0.2",
+             "--out", str(tmp_path))
+  result = json.loads((tmp_path / "generalization.json").read_text())
+  cells = {(r["noise"], r["method"]) for r in result["results"]}
+  assert cells == {(n, m) for n in (0.0, 0.2) for m in ("sgd", "saf")}
+  table = (tmp_path / "generalization.md").read_text()
+  assert "| saf |" in table and "20% noise" in table
+  assert (tmp_path / "generalization.png").stat().st_size > 0
