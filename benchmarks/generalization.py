@@ -16,10 +16,10 @@ level's full ``sharpjax compare`` output under
     python benchmarks/generalization.py --seeds 5 --epochs 40
     python benchmarks/generalization.py --scale cifar10 --data-dir ~/data/cifar-10-batches-py
 
-``--scale cifar10|cifar100`` runs the SAF paper's CIFAR setting (ResNet-18,
-batch 128, lr 0.1 cosine, wd 5e-4, 200 epochs) when the data is on disk and an
-accelerator is present, and prints the paper's numbers beside the measured
-ones.
+``--scale cifar10|cifar100`` runs the SAF paper's CIFAR setting (``--arch
+resnet18`` or ``wrn28-10``, batch 128, lr 0.1 cosine, wd 5e-4, 200 epochs) when
+the data is on disk and an accelerator is present, and prints the paper's
+numbers (its Table 3) beside the measured ones.
 """
 
 from __future__ import annotations
@@ -37,13 +37,20 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DEFAULT_METHODS = ["sgd", "sam", "asam", "gsam", "looksam", "fsam", "msam",
                    "esam", "ssam", "ausam", "sagm", "saf", "mesa"]
 
-# SAF paper, Table 3 (ResNet-18, CIFAR; test accuracy %, speed vs SGD).
+# SAF paper, Table 3 (CIFAR, 3 seeds): test accuracy %, speed relative to SGD.
 PAPER_CIFAR = {
-    "cifar10": {"sgd": (95.61, 1.0), "sam": (96.50, 0.504),
-                "saf": (96.37, 0.976), "mesa": (96.24, 0.845)},
-    "cifar100": {"sgd": (78.32, 1.0), "sam": (80.18, 0.510),
-                 "saf": (80.06, 0.980), "mesa": (79.79, 0.843)},
+    ("cifar10", "resnet18"): {"sgd": (95.61, 1.0), "sam": (96.50, 0.504),
+                              "saf": (96.37, 0.976), "mesa": (96.24, 0.845)},
+    ("cifar100", "resnet18"): {"sgd": (78.32, 1.0), "sam": (80.18, 0.510),
+                               "saf": (80.06, 0.980), "mesa": (79.79, 0.843)},
+    ("cifar10", "wrn28-10"): {"sgd": (96.50, 1.0), "sam": (97.07, 0.501),
+                              "saf": (97.08, 0.993), "mesa": (97.16, 0.843)},
+    ("cifar100", "wrn28-10"): {"sgd": (81.67, 1.0), "sam": (83.51, 0.500),
+                               "saf": (83.81, 0.986), "mesa": (83.59, 0.846)},
 }
+# The CLI's --model/--width for each --arch.
+ARCHS = {"resnet18": ["--model", "resnet18"],
+         "wrn28-10": ["--model", "wrn28", "--width", "10"]}
 
 
 def _device_name(device) -> str:
@@ -62,37 +69,44 @@ def run_compare(argv: list[str]) -> dict:
   return json.loads((out / "results.json").read_text())
 
 
-def markdown(levels: dict, meta: dict) -> str:
+def markdown(levels: dict, meta: dict, paper: dict | None = None) -> str:
+  """One row a method: accuracy per noise level, sharpness at the highest."""
+  top = max(levels)
+  header = (f"| method | " + " | ".join(
+      f"test acc % ({int(100 * n)}% noise)" for n in levels) +
+            f" | λ_max ({int(100 * top)}% noise) | tr H ({int(100 * top)}% "
+            "noise) | cost × SGD |")
+  if paper:
+    header += " paper: acc % (time × SGD) |"
   lines = [
-      f"MNIST-1D ({meta['data_note']}), 1D CNN of width {meta['width']}, "
-      f"{meta['epochs']} epochs, "
+      f"{meta['data_note']}, {meta['model_note']}, {meta['epochs']} epochs, "
       f"{meta['seeds']} seeds per method, same budget for all; commit "
       f"{meta['commit']}, {meta['date']}, {meta['device']}.",
       "",
-      "| method | " + " | ".join(
-          f"test acc % ({int(100 * n)}% noise)" for n in levels) +
-      " | λ_max (20% noise) | tr H (20% noise) | cost × SGD |",
-      "|---|" + "---:|" * (len(levels) + 3),
+      header,
+      "|---|" + "---:|" * (len(levels) + 3 + bool(paper)),
   ]
-  noisy = levels[max(levels)]
-  methods = [row["method"] for row in noisy["table"]]
+  methods = [row["method"] for row in levels[top]["table"]]
   for method in methods:
     cells = []
     for level in levels.values():
       row = next(r for r in level["table"] if r["method"] == method)
       cells.append(f"{100 * row['test_accuracy_mean']:.2f} ± "
                    f"{100 * row['test_accuracy_std']:.2f}")
-    row = next(r for r in noisy["table"] if r["method"] == method)
+    row = next(r for r in levels[top]["table"] if r["method"] == method)
     lam = row.get("top_eigenvalue_mean")
     tr = row.get("hessian_trace_mean")
     cells.append("" if lam is None else f"{lam:.1f}")
     cells.append("" if tr is None else f"{tr:.0f}")
     cells.append(f"{row['cost_ratio']:.2f}x")
+    if paper:
+      acc, speed = paper.get(method, (None, None))
+      cells.append("" if acc is None else f"{acc:.2f} ({1 / speed:.2f}x)")
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def plot(levels: dict, path: pathlib.Path) -> None:
+def plot(levels: dict, path: pathlib.Path, data_name: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -107,7 +121,7 @@ def plot(levels: dict, path: pathlib.Path) -> None:
                   textcoords="offset points", xytext=(5, 3), fontsize=8)
     ax.set_xlabel("time per step / SGD's (same run)")
     ax.set_ylabel("test accuracy % (mean ± std over seeds)")
-    ax.set_title(f"MNIST-1D, {int(100 * noise)}% label noise")
+    ax.set_title(f"{data_name}, {int(100 * noise)}% label noise")
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -122,13 +136,21 @@ def main(argv=None) -> None:
                       help="channels of the 1D CNN (the MNIST-1D paper's is "
                       "25; at 100 the network memorises the noisy labels, "
                       "the regime where flat minima are claimed to help)")
-  parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2])
+  parser.add_argument("--noise", type=float, nargs="+", default=None,
+                      help="label-noise levels (default: 0 and 0.2 on "
+                      "MNIST-1D, 0 on CIFAR)")
   parser.add_argument("--scale", choices=("mnist1d", "cifar10", "cifar100"),
                       default="mnist1d")
+  parser.add_argument("--arch", choices=sorted(ARCHS), default="resnet18",
+                      help="the network for --scale cifar10|cifar100")
   parser.add_argument("--data-dir", default=None,
                       help="CIFAR directory (python-pickle release or .npz)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
+  if args.noise is None:
+    args.noise = [0.0, 0.2] if args.scale == "mnist1d" else [0.0]
+  if args.scale != "mnist1d":
+    args.epochs = 200  # the paper's budget
 
   common = ["--methods", *args.methods, "--seeds", str(args.seeds),
             "--epochs", str(args.epochs), "--width", str(args.width),
@@ -137,17 +159,19 @@ def main(argv=None) -> None:
     import jax
     if jax.default_backend() == "cpu":
       raise SystemExit(
-          f"--scale {args.scale} trains ResNet-18 for 200 epochs: it needs an "
+          f"--scale {args.scale} trains {args.arch} for 200 epochs: it needs an "
           "accelerator (jax.default_backend() is 'cpu').")
     if args.data_dir is None:
       raise SystemExit(f"--scale {args.scale} needs --data-dir")
     common = ["--methods", *args.methods, "--seeds", str(args.seeds),
               "--data", args.scale, "--data-dir", args.data_dir,
-              "--model", "resnet18", "--epochs", "200", "--batch-size", "128",
+              *ARCHS[args.arch], "--epochs", str(args.epochs),
+              "--batch-size", "128",
               "--lr", "0.1", "--weight-decay", "5e-4", "--progress", "off"]
 
-  detail = args.out / ("generalization" if args.scale == "mnist1d"
-                       else f"generalization-{args.scale}")
+  stem = ("generalization" if args.scale == "mnist1d"
+          else f"generalization-{args.scale}-{args.arch}")
+  detail = args.out / stem
   levels = {}
   for noise in args.noise:
     print(f"== label noise {noise:.0%} ==", file=sys.stderr)
@@ -161,30 +185,31 @@ def main(argv=None) -> None:
           timespec="seconds"),
       commit=git_commit(), seeds=args.seeds, epochs=args.epochs,
       methods=args.methods, noise=args.noise, scale=args.scale,
-      width=args.width,
+      width=args.width, arch=args.arch,
       device=_device_name(first["device"]),
-      data_note="4,000 train / 1,000 test" if args.scale == "mnist1d"
-      else args.scale,
+      data_note=("MNIST-1D (4,000 train / 1,000 test)"
+                 if args.scale == "mnist1d" else args.scale.upper()),
+      model_note=(f"1D CNN of width {args.width}" if args.scale == "mnist1d"
+                  else args.arch),
       command="python benchmarks/generalization.py " + " ".join(
           argv if argv is not None else sys.argv[1:]))
-  table = markdown(levels, meta)
+  # The SAF paper's Table 3 beside the measured numbers (CIFAR only).
+  paper = PAPER_CIFAR.get((args.scale, args.arch))
+  table = markdown(levels, meta, paper)
   print(table)
-  if args.scale in PAPER_CIFAR:
-    print("\nSAF paper, Table 3 (ResNet-18): accuracy %, speed vs SGD")
-    for method, (acc, speed) in PAPER_CIFAR[args.scale].items():
-      print(f"  {method:<5} {acc:.2f}  {speed:.3f}")
-  stem = "generalization" if args.scale == "mnist1d" else (
-      f"generalization-{args.scale}")
   args.out.mkdir(parents=True, exist_ok=True)
   results = [
       dict(noise=noise, **row) for noise, level in levels.items()
       for row in level["table"]]
   (args.out / f"{stem}.json").write_text(json.dumps(
-      dict(meta=meta, results=results,
+      dict(meta=meta, results=results, paper=paper and {
+          m: dict(test_accuracy=acc, speed_vs_sgd=speed)
+          for m, (acc, speed) in paper.items()},
            config={str(n): lvl["config"] for n, lvl in levels.items()},
            hyper=first["hyper"]), indent=2) + "\n")
   (args.out / f"{stem}.md").write_text(table + "\n")
-  plot(levels, args.out / f"{stem}.png")
+  plot(levels, args.out / f"{stem}.png",
+       "MNIST-1D" if args.scale == "mnist1d" else args.scale.upper())
 
 
 if __name__ == "__main__":

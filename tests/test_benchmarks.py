@@ -52,3 +52,35 @@ def test_generalization_writes_table_json_and_plot(tmp_path):
   table = (tmp_path / "generalization.md").read_text()
   assert "| saf |" in table and "20% noise" in table
   assert (tmp_path / "generalization.png").stat().st_size > 0
+
+
+def test_cifar_scale_needs_an_accelerator(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "generalization.py"),
+       "--scale", "cifar10", "--arch", "wrn28-10", "--data-dir", str(tmp_path),
+       "--out", str(tmp_path)],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode != 0
+  assert "wrn28-10 for 200 epochs: it needs an accelerator" in proc.stderr
+
+
+def test_cifar_table_prints_the_papers_numbers_beside_the_measured():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import generalization  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  row = lambda m, acc, cost: dict(
+      method=m, test_accuracy_mean=acc, test_accuracy_std=0.001,
+      cost_ratio=cost)
+  levels = {0.0: {"table": [row("sgd", 0.95, 1.0), row("saf", 0.96, 1.02),
+                            row("asam", 0.955, 2.0)]}}
+  meta = dict(data_note="CIFAR10", model_note="wrn28-10", epochs=200, seeds=3,
+              commit="abc", date="today", device="gpu")
+  table = generalization.markdown(
+      levels, meta, generalization.PAPER_CIFAR[("cifar10", "wrn28-10")])
+  lines = table.splitlines()
+  assert lines[2].endswith("paper: acc % (time × SGD) |")
+  assert lines[4] == "| sgd | 95.00 ± 0.10 |  |  | 1.00x | 96.50 (1.00x) |"
+  assert lines[5] == "| saf | 96.00 ± 0.10 |  |  | 1.02x | 97.08 (1.01x) |"
+  assert lines[6].endswith("| 2.00x |  |")  # no paper row for ASAM
