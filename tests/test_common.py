@@ -53,6 +53,8 @@ CASES = [
     # k=2: the 2- and 3-step checks cross a full step and a reuse step.
     Case("looksam", sj.looksam, dict(rho=0.05, k=2, alpha=0.7),
          scheduled="rho"),
+    Case("looksam_select", sj.looksam,
+         dict(rho=0.05, k=2, alpha=0.7, branch="select"), scheduled="rho"),
     Case("fsam", sj.fsam, dict(rho=0.05, sigma=1.0, lam=0.95), scheduled="rho"),
     Case("msam", sj.msam, dict(rho=0.05, num_chunks=4), scheduled="rho",
          static_args=("num_chunks",)),

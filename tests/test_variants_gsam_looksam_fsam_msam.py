@@ -262,12 +262,14 @@ def looksam_reference(rho, k, alpha, steps, per_tensor=False, momentum=0.9):
 
 class LookSAMTest(parameterized.TestCase):
 
-  @parameterized.product(k=[2, 3], granularity=["global", "per_tensor"])
+  @parameterized.product(k=[2, 3], granularity=["global", "per_tensor"],
+                         branch=["cond", "select"])
   def test_matches_hand_derived_recursion_across_k_boundaries(
-      self, k, granularity):
+      self, k, granularity, branch):
     rho, alpha, steps = 0.3, 0.7, 8
     got, state = run(chain(sj.looksam(rho=rho, k=k, alpha=alpha,
-                                      granularity=granularity)), steps)
+                                      granularity=granularity,
+                                      branch=branch)), steps)
     want = looksam_reference(rho, k, alpha, steps,
                              per_tensor=granularity == "per_tensor")
     np.testing.assert_allclose(flat(got), want, rtol=1e-5, atol=1e-6)
@@ -323,6 +325,34 @@ class LookSAMTest(parameterized.TestCase):
     hlo = step.lower(params, state, batch).compile().as_text()
     self.assertIn("conditional", hlo)
 
+  def test_select_branch_runs_the_second_pass_on_every_step(self):
+    # The control for the test above: branch="select" has no conditional and
+    # evaluates the perturbed loss at every step (keeping it on full steps).
+    seen = []
+
+    def counting_loss(params, batch):
+      jax.debug.callback(lambda s: seen.append(int(s)), batch["step"][0])
+      return quad_loss(params, batch)
+
+    tx = chain(sj.looksam(rho=0.3, k=3, alpha=0.7, branch="select"))
+
+    @jax.jit
+    def step(params, state, batch):
+      grads = jax.grad(lambda p: quad_loss(p, batch).mean())(params)
+      updates, state = tx.update(grads, state, params, loss_fn=counting_loss,
+                                 batch=batch)
+      return optax.apply_updates(params, updates), state
+
+    params = quad_params()
+    state = tx.init(params)
+    for t in range(4):
+      batch = {**BATCH, "step": jnp.full((4,), t, jnp.int32)}
+      params, state = step(params, state, batch)
+    jax.effects_barrier()
+    self.assertEqual(sorted(set(seen)), [0, 1, 2, 3])
+    hlo = step.lower(params, state, batch).compile().as_text()
+    self.assertNotIn("conditional", hlo)
+
   def test_diagnostics_on_full_and_reuse_steps(self):
     tx = sj.looksam(rho=0.3, k=2)
     params = quad_params()
@@ -355,6 +385,9 @@ class LookSAMTest(parameterized.TestCase):
         sj.looksam(k=bad)
     with self.assertRaisesRegex(ValueError, "granularity"):
       sj.looksam(granularity="layer")
+    with self.assertRaisesRegex(ValueError, r"branch must be one of \('cond', "
+                                r"'select'\), got 'where'"):
+      sj.looksam(branch="where")
     with self.assertRaisesRegex(ValueError, "alpha"):
       sj.looksam(alpha=-0.5)
 

@@ -62,6 +62,8 @@ class BenchmarkTable(Directive):
 
 
 def _fmt(value):
+  if value is None:  # a row that was not measured (its note says why)
+    return ""
   if isinstance(value, float):
     return f"{value:.3g}"
   return value

@@ -62,6 +62,7 @@ def looksam(
     alpha: base.ScalarOrSchedule = 0.7,
     *,
     granularity: str = "global",
+    branch: str = "cond",
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: full SAM every ``k`` steps, a cached correction in between.
@@ -89,7 +90,11 @@ def looksam(
   only: the backward pass of a convolution compiled inside a ``lax.cond``
   branch takes a slow path (jax-ml/jax issue 12868; about 25x on the 1D CNN of
   ``benchmarks/overhead.py``), so convolutional models on CPU pay more than a
-  SAM step on the full steps. Dense models on CPU, and GPUs, are unaffected.
+  SAM step on the full steps (far more on a ResNet-18); ``branch="select"``
+  avoids the slow path by running the perturbed pass on every step and
+  keeping its result on the full steps only (the updates are the same; the
+  cost is SAM's). Dense models on CPU, and GPUs, are unaffected: keep the
+  default ``"cond"`` there.
 
   Args:
     rho: radius (>= 0), a number or an optax schedule; set as for SAM.
@@ -98,6 +103,8 @@ def looksam(
     alpha: weight of the cached component on reuse steps (>= 0), a number or
       an optax schedule; 0.7 is the unofficial port's default.
     granularity: ``"global"`` (the paper's formula) or ``"per_tensor"``.
+    branch: ``"cond"`` (default: the skipped pass is not run) or
+      ``"select"`` (both branches run, for convolutional models on XLA:CPU).
     axis_name: see :func:`sharpjax.sharpness_aware`; only for ``pmap``.
 
   Returns:
@@ -173,4 +180,5 @@ def looksam(
       state_type=LookSAMState,
       full_step_fn=full_step_fn,
       reuse_fn=reuse,
+      branch=branch,
   )

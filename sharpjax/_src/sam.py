@@ -72,6 +72,10 @@ def _mean_over_chunks(tree: Any) -> Any:
   )
 
 
+# How a transformation with skipped steps chooses its branch (see `branch`).
+_BRANCHES = ("cond", "select")
+
+
 def sharpness_aware(
     perturbation_fn: PerturbationFn,
     *,
@@ -83,6 +87,7 @@ def sharpness_aware(
     full_step_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
     reuse_fn: Optional[ReuseFn] = None,
     num_chunks: int = 1,
+    branch: str = "cond",
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a perturb-then-descend transformation from its ascent step.
 
@@ -101,8 +106,9 @@ def sharpness_aware(
     and return that dict (its leaves keep their dtypes and shapes);
   * ``full_step_fn`` and ``reuse_fn``: on steps where ``full_step_fn(count)``
     is False the perturbed pass is skipped and ``reuse_fn`` gives the
-    direction from the clean gradient and the memory (LookSAM). The choice is
-    a ``lax.cond``, so under ``jit`` a skipped pass costs nothing;
+    direction from the clean gradient and the memory (LookSAM). With
+    ``branch="cond"`` the choice is a ``lax.cond``, so under ``jit`` a skipped
+    pass costs nothing; ``branch="select"`` runs both and keeps one;
   * ``num_chunks > 1`` splits the batch into that many equal chunks and, for
     each (``vmap``), computes the chunk's clean gradient, its own perturbation
     and the perturbed gradient; the perturbed gradients are averaged
@@ -133,6 +139,8 @@ def sharpness_aware(
       for the steps that skip the pass.
     num_chunks: number of chunks of the batch, each with its own perturbation
       (a static int >= 1; the batch size must be divisible by it).
+    branch: how ``full_step_fn`` picks: ``"cond"`` (``lax.cond``) or
+      ``"select"`` (both branches computed, ``jnp.where``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -140,6 +148,8 @@ def sharpness_aware(
   if (full_step_fn is None) != (reuse_fn is None):
     raise ValueError("full_step_fn and reuse_fn must be given together.")
   num_chunks = base.check_int("num_chunks", num_chunks, low=1)
+  if branch not in _BRANCHES:
+    raise ValueError(f"branch must be one of {_BRANCHES}, got {branch!r}.")
   memory_fields = tuple(
       f for f in state_type._fields if f not in _RESERVED_FIELDS
   )
@@ -258,9 +268,15 @@ def sharpness_aware(
 
     if full_step_fn is None:
       grads, memory, diagnostics = full_step(memory)
-    else:
+    elif branch == "cond":
       grads, memory, diagnostics = jax.lax.cond(
           full_step_fn(count), full_step, reuse_step, memory
+      )
+    else:
+      is_full = full_step_fn(count)
+      grads, memory, diagnostics = jax.tree.map(
+          lambda a, b: jnp.where(is_full, a, b),
+          full_step(memory), reuse_step(memory),
       )
     if axis_name is not None:
       grads, memory, diagnostics = jax.lax.pmean(
