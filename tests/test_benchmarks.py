@@ -84,3 +84,20 @@ def test_cifar_table_prints_the_papers_numbers_beside_the_measured():
   assert lines[4] == "| sgd | 95.00 ± 0.10 |  |  | 1.00x | 96.50 (1.00x) |"
   assert lines[5] == "| saf | 96.00 ± 0.10 |  |  | 1.02x | 97.08 (1.01x) |"
   assert lines[6].endswith("| 2.00x |  |")  # no paper row for ASAM
+
+
+def test_overhead_table_shows_an_untimed_row_with_its_reason():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import overhead  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  meta = dict(repeats=3, steps=5, model="ResNet-18", batch=128, device="cpu",
+              cpu_count=2, jax="x", commit="abc", date="today")
+  rows = [dict(method="sgd", num_classes=10, ms_per_step=4000.0,
+               ratio_to_sgd=1.0, temp_bytes=2**20, note=""),
+          dict(method="looksam", num_classes=10, ms_per_step=None,
+               ratio_to_sgd=None, temp_bytes=None, note="not timed: slow")]
+  lines = overhead.markdown(rows, meta).splitlines()
+  assert lines[-2] == "| sgd | 10 | 4000.000 | 1.00x | 1.00 |  |"
+  assert lines[-1] == "| looksam | 10 | | | | not timed: slow |"
