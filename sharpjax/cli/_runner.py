@@ -333,6 +333,12 @@ def _bar(show: bool, label: str, total: int, initial: int):
 # ---------------------------------------------------------------------------
 
 
+def _measure_loop() -> str:
+  # XLA:CPU runs convolutions inside device loops on a slow path
+  # (jax-ml/jax#12868): on CPU the power iteration runs from the host.
+  return "host" if jax.default_backend() == "cpu" else "lax"
+
+
 class SharpnessProbe:
   """Top Hessian eigenvalue of the training loss (model in eval mode).
 
@@ -365,7 +371,8 @@ class SharpnessProbe:
     from sharpjax import measures  # pylint: disable=g-import-not-at-top
     r = measures.hessian_eigenpairs(self._loss_of(state), state.params,
                                     self.batch, jax.random.PRNGKey(seed), k=1,
-                                    max_iters=max_iters, tol=1e-3)
+                                    max_iters=max_iters, tol=1e-3,
+                                    loop=_measure_loop())
     return float(r.eigenvalues[0])
 
   def trace(self, state, seed: int = 0, num_probes: int = 20) -> float:
@@ -373,7 +380,7 @@ class SharpnessProbe:
     from sharpjax import measures  # pylint: disable=g-import-not-at-top
     r = measures.hessian_trace(self._loss_of(state), state.params, self.batch,
                                jax.random.PRNGKey(seed),
-                               num_probes=num_probes)
+                               num_probes=num_probes, loop=_measure_loop())
     return float(r.trace)
 
   def _stateless(self, params, batch):
