@@ -296,16 +296,21 @@ class LookSAMTest(parameterized.TestCase):
     want, _ = run(chain(sj.sam(rho=0.3)), 5)
     chex.assert_trees_all_close(got, want, atol=1e-7)
 
-  def test_skipped_steps_do_not_run_the_second_pass(self):
-    # The loss_fn reports, from inside the compiled step, the step at which it
-    # is evaluated; the clean gradient uses a loss without the callback.
+  @staticmethod
+  def _steps_with_a_second_pass(branch, num_steps):
+    """Runs jitted LookSAM (k=3) steps; returns the steps whose perturbed
+    loss was evaluated, and the compiled step's HLO text.
+
+    The loss_fn reports, from inside the compiled step, the step at which it
+    is evaluated; the clean gradient uses a loss without the callback.
+    """
     seen = []
 
     def counting_loss(params, batch):
       jax.debug.callback(lambda s: seen.append(int(s)), batch["step"][0])
       return quad_loss(params, batch)
 
-    tx = chain(sj.looksam(rho=0.3, k=3, alpha=0.7))
+    tx = chain(sj.looksam(rho=0.3, k=3, alpha=0.7, branch=branch))
 
     @jax.jit
     def step(params, state, batch):
@@ -316,41 +321,24 @@ class LookSAMTest(parameterized.TestCase):
 
     params = quad_params()
     state = tx.init(params)
-    for t in range(8):
+    for t in range(num_steps):
       batch = {**BATCH, "step": jnp.full((4,), t, jnp.int32)}
       params, state = step(params, state, batch)
     jax.effects_barrier()
-    self.assertEqual(sorted(set(seen)), [0, 3, 6])
+    return sorted(set(seen)), step.lower(params, state, batch).compile(
+        ).as_text()
+
+  def test_skipped_steps_do_not_run_the_second_pass(self):
+    seen, hlo = self._steps_with_a_second_pass("cond", 8)
+    self.assertEqual(seen, [0, 3, 6])
     # And the compiled step branches instead of computing both and selecting.
-    hlo = step.lower(params, state, batch).compile().as_text()
     self.assertIn("conditional", hlo)
 
   def test_select_branch_runs_the_second_pass_on_every_step(self):
     # The control for the test above: branch="select" has no conditional and
     # evaluates the perturbed loss at every step (keeping it on full steps).
-    seen = []
-
-    def counting_loss(params, batch):
-      jax.debug.callback(lambda s: seen.append(int(s)), batch["step"][0])
-      return quad_loss(params, batch)
-
-    tx = chain(sj.looksam(rho=0.3, k=3, alpha=0.7, branch="select"))
-
-    @jax.jit
-    def step(params, state, batch):
-      grads = jax.grad(lambda p: quad_loss(p, batch).mean())(params)
-      updates, state = tx.update(grads, state, params, loss_fn=counting_loss,
-                                 batch=batch)
-      return optax.apply_updates(params, updates), state
-
-    params = quad_params()
-    state = tx.init(params)
-    for t in range(4):
-      batch = {**BATCH, "step": jnp.full((4,), t, jnp.int32)}
-      params, state = step(params, state, batch)
-    jax.effects_barrier()
-    self.assertEqual(sorted(set(seen)), [0, 1, 2, 3])
-    hlo = step.lower(params, state, batch).compile().as_text()
+    seen, hlo = self._steps_with_a_second_pass("select", 4)
+    self.assertEqual(seen, [0, 1, 2, 3])
     self.assertNotIn("conditional", hlo)
 
   def test_diagnostics_on_full_and_reuse_steps(self):
