@@ -147,15 +147,13 @@ def main(argv=None) -> None:
                       help="CIFAR directory (python-pickle release or .npz)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
-  if args.noise is None:
-    args.noise = [0.0, 0.2] if args.scale == "mnist1d" else [0.0]
-  if args.scale != "mnist1d":
-    args.epochs = 200  # the paper's budget
-
-  common = ["--methods", *args.methods, "--seeds", str(args.seeds),
-            "--epochs", str(args.epochs), "--width", str(args.width),
-            "--progress", "off", "--trace-probes", "20"]
-  if args.scale != "mnist1d":
+  if args.scale == "mnist1d":
+    args.noise = [0.0, 0.2] if args.noise is None else args.noise
+    common = ["--methods", *args.methods, "--seeds", str(args.seeds),
+              "--epochs", str(args.epochs), "--width", str(args.width),
+              "--progress", "off", "--trace-probes", "20"]
+    stem, data_name = "generalization", "MNIST-1D"
+  else:
     import jax
     if jax.default_backend() == "cpu":
       raise SystemExit(
@@ -163,14 +161,16 @@ def main(argv=None) -> None:
           "accelerator (jax.default_backend() is 'cpu').")
     if args.data_dir is None:
       raise SystemExit(f"--scale {args.scale} needs --data-dir")
+    args.noise = [0.0] if args.noise is None else args.noise
+    args.epochs = 200  # the paper's budget
     common = ["--methods", *args.methods, "--seeds", str(args.seeds),
               "--data", args.scale, "--data-dir", args.data_dir,
               *ARCHS[args.arch], "--epochs", str(args.epochs),
               "--batch-size", "128",
               "--lr", "0.1", "--weight-decay", "5e-4", "--progress", "off"]
+    stem = f"generalization-{args.scale}-{args.arch}"
+    data_name = args.scale.upper()
 
-  stem = ("generalization" if args.scale == "mnist1d"
-          else f"generalization-{args.scale}-{args.arch}")
   detail = args.out / stem
   levels = {}
   for noise in args.noise:
@@ -187,8 +187,8 @@ def main(argv=None) -> None:
       methods=args.methods, noise=args.noise, scale=args.scale,
       width=args.width, arch=args.arch,
       device=_device_name(first["device"]),
-      data_note=("MNIST-1D (4,000 train / 1,000 test)"
-                 if args.scale == "mnist1d" else args.scale.upper()),
+      data_note=(f"{data_name} (4,000 train / 1,000 test)"
+                 if args.scale == "mnist1d" else data_name),
       model_note=(f"1D CNN of width {args.width}" if args.scale == "mnist1d"
                   else args.arch),
       command="python benchmarks/generalization.py " + " ".join(
@@ -208,8 +208,7 @@ def main(argv=None) -> None:
            config={str(n): lvl["config"] for n, lvl in levels.items()},
            hyper=first["hyper"]), indent=2) + "\n")
   (args.out / f"{stem}.md").write_text(table + "\n")
-  plot(levels, args.out / f"{stem}.png",
-       "MNIST-1D" if args.scale == "mnist1d" else args.scale.upper())
+  plot(levels, args.out / f"{stem}.png", data_name)
 
 
 if __name__ == "__main__":

@@ -44,17 +44,20 @@ LR = 0.05
 
 
 def _cnn1d(num_classes):
-  # The MNIST-1D convolutional baseline (3 strided convolutions of 25 channels,
-  # 5,210 parameters), on [B, 40, 1] signals.
+  # The MNIST-1D convolutional baseline (5,210 parameters), [B, 40, 1] signals.
   return models.CNN1D(num_classes=num_classes), (LENGTH, 1)
 
 
 def _resnet18(num_classes):
-  # CIFAR ResNet-18 with BatchNorm (11.2M parameters), on 32x32x3 images.
+  # CIFAR ResNet-18 (11.2M parameters), on 32x32x3 images.
   return models.ResNet18(num_classes=num_classes), (32, 32, 3)
 
 
-MODELS = {"cnn1d": _cnn1d, "resnet18": _resnet18}
+# name -> (builder: num_classes -> (model, input shape), table description)
+MODELS = {
+    "cnn1d": (_cnn1d, "CNN1D (3x conv 25, MNIST-1D 40x1)"),
+    "resnet18": (_resnet18, "ResNet-18 (BatchNorm, 32x32x3)"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,25 +191,27 @@ def make_step(model: nn.Module, tx, kind: str):
     logits, new_state = forward(params, model_state, batch["x"])
     return per_example_ce(logits, batch["y"]).mean(), (logits, new_state)
 
+  def clean_grads(params, model_state, batch):
+    (_, (_, new_state)), grads = jax.value_and_grad(clean, has_aux=True)(
+        params, model_state, batch)
+    return grads, new_state
+
   if kind == "plain":
     def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
-      (_, (_, new_state)), grads = jax.value_and_grad(clean, has_aux=True)(
-          params, model_state, batch)
+      grads, new_state = clean_grads(params, model_state, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), new_state, opt_state
 
   elif kind == "contrib_opaque":
     def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
-      (_, (_, new_state)), grads = jax.value_and_grad(clean, has_aux=True)(
-          params, model_state, batch)
+      grads, new_state = clean_grads(params, model_state, batch)
       updates, opt_state = tx.update(grads, opt_state, params,
                                      grad_fn=lambda p, _: mean_grad(p))
       return optax.apply_updates(params, updates), new_state, opt_state
 
   elif kind == "contrib_transparent":
     def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
-      (_, (_, new_state)), grads = jax.value_and_grad(clean, has_aux=True)(
-          params, model_state, batch)
+      grads, new_state = clean_grads(params, model_state, batch)
       for call in range(2):  # adversarial call, then the real update
         if call:
           grads = mean_grad(params)
@@ -273,7 +278,7 @@ class Runner:
 
 
 def build(method: Method, warmup: int, model_name: str = "cnn1d") -> Runner:
-  model, input_shape = MODELS[model_name](method.num_classes)
+  model, input_shape = MODELS[model_name][0](method.num_classes)
   batch = make_batch(method.num_classes, method.num_examples, input_shape)
   variables = dict(model.init(jax.random.PRNGKey(0), batch["x"], train=False))
   params = variables.pop("params")
@@ -290,7 +295,8 @@ def build(method: Method, warmup: int, model_name: str = "cnn1d") -> Runner:
   except Exception:  # memory analysis is not available on every backend
     pass
   runner = Runner(method, step, carry, opt_state, batch, temp_bytes=temp)
-  runner.run(warmup)
+  if warmup:
+    runner.run(warmup)
   return runner
 
 
@@ -308,6 +314,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.steps < 1 or args.repeats < 1:
     parser.error("--steps and --repeats must be >= 1")
+  if args.warmup < 0:
+    parser.error("--warmup must be >= 0")
 
   methods = METHODS
   if args.methods:
@@ -362,9 +370,7 @@ def main(argv=None):
       commit=git_commit(), jax=jax.__version__, optax=optax.__version__,
       device=str(jax.devices()[0].device_kind), platform=platform.platform(),
       cpu_count=os.cpu_count(), batch=BATCH, steps=args.steps,
-      repeats=args.repeats,
-      model={"cnn1d": "CNN1D (3x conv 25, MNIST-1D 40x1)",
-             "resnet18": "ResNet-18 (BatchNorm, 32x32x3)"}[args.model])
+      repeats=args.repeats, model=MODELS[args.model][1])
   table = markdown(results, meta)
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)

@@ -335,7 +335,7 @@ def _bar(show: bool, label: str, total: int, initial: int):
 
 def _measure_loop() -> str:
   # XLA:CPU runs convolutions inside device loops on a slow path
-  # (jax-ml/jax#12868): on CPU the power iteration runs from the host.
+  # (jax-ml/jax#12868): on CPU the Hessian measures loop from the host.
   return "host" if jax.default_backend() == "cpu" else "lax"
 
 
