@@ -5,12 +5,22 @@ README's tables. Each script runs as a user runs it (``python benchmarks/...``)
 with a budget of seconds, writing into a temporary directory.
 """
 
+import importlib
 import json
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def import_script(name):
+  """Imports benchmarks/<name>.py as its own run would (benchmarks/ first)."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def run_script(name, *args):
@@ -65,11 +75,7 @@ def test_cifar_scale_needs_an_accelerator(tmp_path):
 
 
 def test_cifar_table_prints_the_papers_numbers_beside_the_measured():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import generalization  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+  generalization = import_script("generalization")
   row = lambda m, acc, cost: dict(
       method=m, test_accuracy_mean=acc, test_accuracy_std=0.001,
       cost_ratio=cost)
@@ -87,11 +93,7 @@ def test_cifar_table_prints_the_papers_numbers_beside_the_measured():
 
 
 def test_overhead_table_shows_an_untimed_row_with_its_reason():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import overhead  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+  overhead = import_script("overhead")
   meta = dict(repeats=3, steps=5, model="ResNet-18", batch=128, device="cpu",
               cpu_count=2, jax="x", commit="abc", date="today")
   rows = [dict(method="sgd", num_classes=10, ms_per_step=4000.0,
