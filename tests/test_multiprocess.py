@@ -63,7 +63,7 @@ def _program(argv):
       sj.saf(len(ds), 10, spe, delay_epochs=1, start_epoch=1),
       sj.sam(0.05), optax.sgd(0.1, momentum=0.9))
   trainer = training.make_trainer(models.CNN1D(channels=8), tx, mesh=mesh,
-                                  shard_saf_bank=True)
+                                  shard_example_tables=True)
   state = trainer.init(jax.random.PRNGKey(0), loader.batch(0, 0))
   start = 0
   if args.restore:
@@ -288,7 +288,7 @@ def test_loader_shards_are_the_global_batch_in_process_order():
 
 
 def test_ausam_table_sharded_by_example_over_the_mesh():
-  """make_trainer(shard_saf_bank=True) shards AUSAM's scores and visits by
+  """make_trainer(shard_example_tables=True) shards AUSAM's scores and visits by
   example over the data axis: same scores, visits and parameters as the
   replicated table; a table not a multiple of the devices is refused."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -306,7 +306,7 @@ def test_ausam_table_sharded_by_example_over_the_mesh():
     tx = optax.chain(sj.ausam(0.05, keep=0.5, num_examples=n),
                      optax.sgd(0.1))
     trainer = training.make_trainer(model, tx, mesh=mesh, train_kwarg=None,
-                                    shard_saf_bank=shard)
+                                    shard_example_tables=shard)
     state = trainer.init(jax.random.PRNGKey(0), loader.batch(0, 0))
     for k in range(6):
       state, _ = trainer.step(state, loader.batch(*divmod(k, 4)))
