@@ -417,15 +417,26 @@ def test_pmap_matches_the_mesh():
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
 
 
-def test_pmap_per_device_perturbation_is_m_sharpness():
+@pytest.mark.parametrize("placement", ["pmap", "mesh"])
+def test_per_device_perturbation_is_m_sharpness(placement):
+  """Each device perturbs with its own shard's gradient: under pmap, and
+  under a mesh through shard_map (m-sharpness at no extra cost)."""
   model = models.MLP(features=(8,), num_classes=NUM_CLASSES)
   rho, lr, n = 0.2, 0.1, 4
-  trainer = training.make_trainer(
-      model, optax.chain(sj.sam(rho, axis_name="i"), optax.sgd(lr)),
-      axis_name="i", devices=jax.devices()[:n], per_device_perturbation=True)
+  tx = optax.chain(sj.sam(rho, axis_name="i"), optax.sgd(lr))
+  if placement == "pmap":
+    trainer = training.make_trainer(model, tx, axis_name="i",
+                                    devices=jax.devices()[:n],
+                                    per_device_perturbation=True)
+    local = training.unreplicate
+  else:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("i",))
+    trainer = training.make_trainer(model, tx, mesh=mesh, data_axis="i",
+                                    per_device_perturbation=True)
+    local = _copy
   batch = _batch(16)
   state = trainer.init(_key(), batch)
-  p0 = training.unreplicate(state.params)
+  p0 = local(state.params)
   state, _ = trainer.step(state, batch)
 
   def loss(p, x, y):
@@ -441,8 +452,7 @@ def test_pmap_per_device_perturbation_is_m_sharpness():
   grads = [perturbed_grad(p0, batch["x"][4 * k:4 * k + 4],
                           batch["y"][4 * k:4 * k + 4]) for k in range(n)]
   g2 = jax.tree.map(lambda *gs: sum(gs) / n, *grads)
-  _close(training.unreplicate(state.params),
-         jax.tree.map(lambda w, d: w - lr * d, p0, g2))
+  _close(local(state.params), jax.tree.map(lambda w, d: w - lr * d, p0, g2))
 
 
 def test_eval_step_uses_running_averages():
@@ -523,3 +533,42 @@ def test_sam_variants_that_slice_the_batch_keep_the_clean_batch_stats():
     new_state, metrics = trainer.step(state, batch)
     _close(new_state.model_state["batch_stats"], reference, tol=1e-6)
     assert np.isfinite(float(metrics["perturbed_loss"])), name
+
+
+@pytest.mark.parametrize("method", ["sam", "saf", "mesa"])
+def test_bfloat16_compute_keeps_float32_parameters_and_state(method):
+  """Mixed precision as accelerator users run it: the zoo's dtype=bfloat16
+  computes in bfloat16 while parameters, optimizer state, the SAF bank and the
+  loss stay float32, and the result tracks the float32 run."""
+  ds = data.make_synthetic(64, input_shape=(40, 1), num_classes=10, seed=0)
+  loader = data.DataLoader(ds, 16, seed=0)
+  chains = {
+      "sam": lambda: sj.sam(0.05),
+      "saf": lambda: sj.saf(len(ds), 10, len(loader), start_epoch=1,
+                            delay_epochs=1),
+      "mesa": lambda: sj.mesa(0.9, start_epoch=1,
+                              steps_per_epoch=len(loader)),
+  }
+  results = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = models.CNN1D(channels=8, dtype=dtype)
+    trainer = training.make_trainer(
+        model, optax.chain(chains[method](), optax.sgd(0.1, momentum=0.9)))
+    state = trainer.init(_key(), loader.batch(0, 0))
+    for epoch in range(3):
+      for batch in loader.epoch(epoch):
+        state, metrics = trainer.step(state, batch)
+    trainer.check()
+    results[dtype] = (state, metrics)
+  state, metrics = results[jnp.bfloat16]
+  floats = [x for x in jax.tree.leaves((state.params, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)
+  assert metrics["loss"].dtype == jnp.float32
+  ref_state, ref_metrics = results[jnp.float32]
+  assert np.isfinite(float(metrics["loss"]))
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=0.1)
+  if method != "sam":
+    assert float(metrics["penalty"]) > 0
+    np.testing.assert_allclose(metrics["penalty"], ref_metrics["penalty"],
+                               rtol=0.25)
