@@ -42,22 +42,10 @@ def label_error(lo: int, hi: int, num_classes: int, where: str = "") -> str:
           f"values in [{lo}, {hi}]{where}.")
 
 
-def check_batch(batch: Mapping[str, Any], *, needs_ids: bool,
-                per_device: bool, num_devices: int, process_count: int,
-                x_ndim: Optional[int], num_classes: Optional[int]) -> None:
-  """Every check of a batch that needs no device value.
-
-  Args:
-    batch: the batch (host or device arrays).
-    needs_ids: the optimizer state keeps per-example rows.
-    per_device: the batch is already split ``[devices, B / devices, ...]``.
-    num_devices: devices the global batch is split over.
-    process_count: processes each holding a slice of the global batch.
-    x_ndim: the rank of an example batch's ``x`` at ``init`` (None: unknown).
-    num_classes: labels must be in ``[0, num_classes)`` (None: no check);
-      checked here only for host labels.
-  """
-  check_keys(batch, needs_ids)
+def check_shapes(batch: Mapping[str, Any], *, per_device: bool,
+                 num_devices: int, process_count: int,
+                 x_ndim: Optional[int]) -> None:
+  """Leading axes, divisibility by the devices and input rank (shapes only)."""
   lead_ndim = 2 if per_device else 1
   lead = {k: np.shape(v)[:lead_ndim] for k, v in batch.items()}
   if len(set(lead.values())) != 1 or len(next(iter(lead.values()))) < lead_ndim:
@@ -77,7 +65,12 @@ def check_batch(batch: Mapping[str, Any], *, needs_ids: bool,
         f"sharpjax.training: batch['x'] has rank {rank} (shape "
         f"{np.shape(batch['x'])}), but the state was initialised with "
         f"rank-{x_ndim} inputs.")
-  y = batch["y"]
+
+
+def check_host_labels(y: Any, num_classes: Optional[int],
+                      lead_ndim: int) -> None:
+  """The label range of host (numpy) integer labels; device labels are left
+  to the compiled step."""
   if (num_classes is not None and not isinstance(y, jax.Array)
       and np.ndim(y) == lead_ndim):
     y = np.asarray(y)
@@ -91,32 +84,40 @@ class PendingLabelChecks:
   """Label ranges of device batches, checked once the device has them.
 
   ``add`` keeps the ``[min, max]`` array a compiled step returned; ``poll``
-  checks those that are ready (reading a ready array does not wait) and
-  raises on the first bad one; ``drain`` waits for all of them.
+  (every ``every`` calls, to keep the per-step cost to a few microseconds)
+  reads back those that are ready, in one transfer, and raises on the first
+  bad one; a ready array is read without waiting. ``drain`` waits for all.
   """
 
-  def __init__(self):
+  def __init__(self, every: int = 16):
     self._pending: collections.deque = collections.deque()
+    self._every = every
+    self._calls = 0
 
   def add(self, label_range: Optional[jax.Array], where: str) -> None:
     if label_range is not None:
       self._pending.append((label_range, where))
 
   def poll(self, num_classes: Optional[int]) -> None:
+    self._calls += 1
+    if not self._pending or self._calls % self._every:
+      return
+    ready = []
     while self._pending and self._pending[0][0].is_ready():
-      self._check(self._pending.popleft(), num_classes)
+      ready.append(self._pending.popleft())
+    self._check(ready, num_classes)
 
   def drain(self, num_classes: Optional[int]) -> None:
-    while self._pending:
-      self._check(self._pending.popleft(), num_classes)
+    items, self._pending = list(self._pending), collections.deque()
+    self._check(items, num_classes)
 
-  def _check(self, item, num_classes) -> None:
-    label_range, where = item
-    if num_classes is None:
+  def _check(self, items, num_classes) -> None:
+    if num_classes is None or not items:
       return
     # The first local shard holds the whole (replicated) range.
-    local = np.asarray(label_range.addressable_shards[0].data)
-    lo, hi = (int(v) for v in local.reshape(-1, 2)[0])
-    if lo < 0 or hi >= num_classes:
-      self._pending.clear()
-      raise ValueError(label_error(lo, hi, num_classes, where))
+    ranges = jax.device_get([r.addressable_shards[0].data for r, _ in items])
+    for value, (_, where) in zip(ranges, items):
+      lo, hi = (int(v) for v in np.reshape(value, (-1, 2))[0])
+      if lo < 0 or hi >= num_classes:
+        self._pending.clear()
+        raise ValueError(label_error(lo, hi, num_classes, where))

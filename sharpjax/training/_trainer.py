@@ -60,6 +60,7 @@ class Trainer:
     self._step, self._eval, self._init = placement.compile(spec, donate)
     self._pending = _checks.PendingLabelChecks()
     self._x_ndim = None
+    self._checked = set()
     self._last_state = None
     self._info = None
     self._calls = 0
@@ -91,15 +92,24 @@ class Trainer:
     so the transfer overlaps the previous step."""
     return self._placement.shard_batch(batch)
 
-  def _prepare(self, state, batch, needs_ids):
+  def _prepare(self, batch, needs_ids):
     self._pending.poll(self._spec.num_classes)
     if self._validate:
-      _checks.check_batch(
-          batch, needs_ids=needs_ids,
-          per_device=isinstance(batch, _placement.PerDeviceBatch),
-          num_devices=self.num_devices,
-          process_count=self._placement.process_count,
-          x_ndim=self._x_ndim, num_classes=self._spec.num_classes)
+      per_device = isinstance(batch, _placement.PerDeviceBatch)
+      # Shape checks depend only on the keys and shapes: done once per kind.
+      signature = (needs_ids, per_device, self._x_ndim, tuple(
+          (k, v.shape if hasattr(v, "shape") else np.shape(v))
+          for k, v in batch.items())
+                   if isinstance(batch, dict) else None)
+      if signature not in self._checked:
+        _checks.check_keys(batch, needs_ids)
+        _checks.check_shapes(batch, per_device=per_device,
+                             num_devices=self.num_devices,
+                             process_count=self._placement.process_count,
+                             x_ndim=self._x_ndim)
+        self._checked.add(signature)
+      _checks.check_host_labels(batch["y"], self._spec.num_classes,
+                                2 if per_device else 1)
     return dict(self.shard_batch(batch))
 
   def _track(self, label_range, batch, what):
@@ -118,7 +128,7 @@ class Trainer:
     if state is not self._last_state:
       self._info = _StateInfo(state)
     self._calls += 1
-    placed = self._prepare(state, batch, self._info.needs_ids)
+    placed = self._prepare(batch, self._info.needs_ids)
     new_state, metrics, label_range = self._step(state, placed,
                                                  self._info.full_step())
     self._info.advance()
@@ -128,7 +138,7 @@ class Trainer:
 
   def eval_step(self, state: _step.TrainState, batch: _step.Batch) -> dict:
     """``loss`` and ``accuracy`` (means over the batch), model in eval mode."""
-    placed = self._prepare(state, batch, needs_ids=False)
+    placed = self._prepare(batch, needs_ids=False)
     metrics, label_range = self._eval(state, placed)
     self._track(label_range, placed, "an eval_step call")
     return self._placement.local(metrics)
