@@ -268,13 +268,14 @@ def make_step(model: nn.Module, tx, kind: str):
 
 
 def make_batch(num_classes: int, num_examples: int, input_shape=(40, 1),
-               seed: int = 0):
-  """One synthetic batch (timing does not depend on the data's values)."""
+               seed: int = 0, batch_size: int = BATCH):
+  """One synthetic batch on the device (timing does not depend on values)."""
   rng = np.random.default_rng(seed)
   return {
-      "x": jnp.asarray(rng.normal(size=(BATCH, *input_shape)), jnp.float32),
-      "y": jnp.asarray(rng.integers(0, num_classes, BATCH), jnp.int32),
-      "ids": jnp.asarray(rng.choice(num_examples, BATCH, replace=False),
+      "x": jnp.asarray(rng.normal(size=(batch_size, *input_shape)),
+                       jnp.float32),
+      "y": jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32),
+      "ids": jnp.asarray(rng.choice(num_examples, batch_size, replace=False),
                          jnp.int32),
   }
 
@@ -309,10 +310,12 @@ def _temp_bytes(compiled) -> int | None:
 
 
 def build(method: Method, warmup: int, model_name: str = "cnn1d",
-          dtype: str = "float32", trainer: bool = False) -> Runner:
+          dtype: str = "float32", trainer: bool = False,
+          batch_size: int = BATCH) -> Runner:
   model, input_shape = MODELS[model_name][0](method.num_classes,
                                              DTYPES[dtype])
-  batch = make_batch(method.num_classes, method.num_examples, input_shape)
+  batch = make_batch(method.num_classes, method.num_examples, input_shape,
+                     batch_size=batch_size)
   tx = method.make_tx()
   if trainer and method is not HAND_WRITTEN_SGD:
     from sharpjax import training  # pylint: disable=g-import-not-at-top
@@ -342,6 +345,9 @@ def main(argv=None):
   parser.add_argument("--methods", nargs="*", default=None,
                       help="row names to run (default: all); SGD is always run")
   parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--batch", type=int, default=BATCH,
+                      help=f"batch size (default {BATCH}; smaller only for "
+                      "smoke runs)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=10)
   parser.add_argument("--model", choices=sorted(MODELS), default="cnn1d",
@@ -354,8 +360,8 @@ def main(argv=None):
                       "make_trainer, beside a hand-written SGD step")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
-  if args.steps < 1 or args.repeats < 1:
-    parser.error("--steps and --repeats must be >= 1")
+  if args.steps < 1 or args.repeats < 1 or args.batch < 1:
+    parser.error("--steps, --repeats and --batch must be >= 1")
   if args.warmup < 0:
     parser.error("--warmup must be >= 0")
 
@@ -385,7 +391,8 @@ def main(argv=None):
   runners = []
   for m in rows:
     start = time.perf_counter()
-    runners.append(build(m, args.warmup, args.model, args.dtype, args.trainer))
+    runners.append(build(m, args.warmup, args.model, args.dtype, args.trainer,
+                         args.batch))
     print(f"  {m.name}: compiled and warmed up in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
   for r in range(args.repeats):
@@ -414,7 +421,7 @@ def main(argv=None):
           timespec="seconds"),
       commit=git_commit(), jax=jax.__version__, optax=optax.__version__,
       device=str(jax.devices()[0].device_kind), platform=platform.platform(),
-      cpu_count=os.cpu_count(), batch=BATCH, steps=args.steps,
+      cpu_count=os.cpu_count(), batch=args.batch, steps=args.steps,
       repeats=args.repeats, model=MODELS[args.model][1], dtype=args.dtype,
       step_kind="make_trainer" if args.trainer else "hand-written",
       backend=jax.default_backend())

@@ -83,7 +83,23 @@ class Trainer:
               *self._spec.adapter.init(r, xx), xx, train=False, key=None)[0],
           rng, x)
       self._spec.num_classes = int(logits.shape[-1])
-    return self._init(rng, x)
+    state = self._init(rng, x)
+    if self._placement.axis_name is not None:
+      self._trace_once(state, sample_batch)
+    return state
+
+  def _trace_once(self, state, sample_batch) -> None:
+    """Traces one step on ``sample_batch`` (nothing runs).
+
+    Under a named axis this is where a SAM-family transformation built
+    without that ``axis_name`` is refused (it would average nothing and let
+    the devices drift), before any training.
+    """
+    batch = dict(sample_batch)
+    if "ids" not in batch and protocol.needs_example_ids(state.opt_state):
+      batch["ids"] = np.zeros(np.shape(batch["y"])[:1], np.int32)
+    placed = dict(self.shard_batch(batch))
+    jax.eval_shape(lambda s, b: self._step(s, b, None), state, placed)
 
   def shard_batch(self, batch: _step.Batch) -> Any:
     """Puts a host batch where ``step`` wants it (sharded over the mesh,
