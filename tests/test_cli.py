@@ -252,13 +252,15 @@ def test_presets_and_all():
   args = parse()
   _main._apply_preset(args)
   assert args.preset == "noisy"
-  assert (args.label_noise, args.width, args.epochs) == (0.2, 32, 60)
+  assert (args.label_noise, args.width, args.epochs, args.seeds) == (0.2, 32,
+                                                                    60, 5)
   assert args.methods == ["sgd", "sam", "saf", "mesa"]
   # The clean-label table of the README: 12 methods, width 25, 20 epochs; an
   # explicit flag wins over the preset.
   args = parse("--preset", "clean12", "--epochs", "3", "--label-noise", "0.1")
   _main._apply_preset(args)
-  assert (args.label_noise, args.width, args.epochs) == (0.1, 25, 3)
+  assert (args.label_noise, args.width, args.epochs, args.seeds) == (0.1, 25,
+                                                                    3, 3)
   assert len(args.methods) == 12 and "sagm" not in args.methods
   for preset in _setup.PRESETS.values():
     assert sorted(preset.flags) == sorted(_setup.PRESET_FLAGS)
@@ -266,6 +268,51 @@ def test_presets_and_all():
       _methods.get(m)
   assert _main._split_methods(["all"]) == _methods.names()
   assert _main._split_methods(["sgd,sam", "saf"]) == ["sgd", "sam", "saf"]
+
+
+def test_t_quantiles_and_paired_difference_match_scipy():
+  from sharpjax.cli import _report
+  stats = pytest.importorskip("scipy.stats")
+  for df in (1, 2, 4, 10, 30, 31, 45, 200):
+    assert _report.t_quantile_975(df) == pytest.approx(
+        stats.t.ppf(0.975, df), abs=1e-3)
+  a = {0: 0.71, 1: 0.80, 2: 0.74, 3: 0.77, 7: 0.9}  # seed 7: no pair
+  b = {0: 0.70, 1: 0.75, 2: 0.72, 3: 0.70}
+  d = np.array([0.01, 0.05, 0.02, 0.07])
+  lo, hi = stats.t.interval(0.95, 3, loc=d.mean(), scale=stats.sem(d))
+  got = _report.paired_difference(a, b)
+  assert got["n"] == 4 and got["mean"] == pytest.approx(d.mean())
+  assert (got["low"], got["high"]) == pytest.approx((lo, hi), abs=1e-5)
+  assert _report.paired_difference({0: 0.5}, {0: 0.4})["low"] is None
+
+
+def test_every_method_has_its_own_colour_and_labels_do_not_overlap():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.text import Text
+  from sharpjax.cli import _report
+  names = _methods.names()
+  assert set(names) <= set(_report.COLORS)
+  assert len({_report.color_of(m) for m in names}) == len(names)
+  # Nine methods within 0.1x of cost and one point of accuracy (the cluster
+  # of the 12-method table), and two points far away.
+  rng = np.random.default_rng(0)
+  xs = list(1.6 + 0.1 * rng.random(9)) + [1.0, 3.9]
+  ys = list(84 + rng.random(9)) + [84.0, 56.0]
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  ax.plot(xs, ys, "o")
+  ax.margins(0.25)
+  fig.tight_layout()
+  _report.label_points(ax, xs, ys, names[:11], ["k"] * 11)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+  assert len(boxes) == 11
+  for i, box in enumerate(boxes):
+    assert not any(box.overlaps(other) for other in boxes[i + 1:])
+    assert ax.get_window_extent(renderer).contains(box.x0, box.y0)
+  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------
@@ -521,6 +568,7 @@ def test_compare_on_cifar_format_images_with_resnet(tmp_path, capsys):
                "--model", "resnet18", "--width", "4", "--methods", "sgd",
                "--seeds", "1", "--epochs", "1", "--batch-size", "64",
                "--no-sharpness", "--progress", "off", "--out", str(out)]) == 0
+  assert "1 seed;" in capsys.readouterr().out
   result = json.loads((out / "results.json").read_text())
   assert [r["method"] for r in result["table"]] == ["sgd"]
   assert result["runs"][0]["steps"] == 2  # 128 images, batches of 64

@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                  f"registered method); default: the preset's "
                  f"({_preset_values('methods')}); sgd, the baseline, is added "
                  "when missing")
-  c.add_argument("--seeds", type=int, default=3,
-                 help="number of seeds, 0..N-1 (default 3)")
+  c.add_argument("--seeds", type=int, default=None,
+                 help="number of seeds, 0..N-1 (default: the preset's ("
+                 f"{_preset_values('seeds')}))")
   c.add_argument("--out", default="sharpjax-compare",
                  help="output directory (default ./sharpjax-compare)")
   c.add_argument("--resume", action="store_true",
@@ -415,30 +416,32 @@ def cmd_compare(args) -> int:
                "steps_per_epoch": env.steps_per_epoch},
       "versions": _report.versions(), "device": _report.device_info(),
   }
+  # Seed-major order: every method's timing sees the machine's drift alike.
+  order = [(m, seed) for seed in seeds for m in methods]
   previous, wall_before = _previous_runs(json_path, payload, args.resume)
-  done = {(r.method, r.seed): r for r in previous}
-  if previous:
-    _log(f"--resume: {len(done)} finished runs kept from {json_path}; "
-         f"{n_runs - len(done)} to do.")
+  results = {(r.method, r.seed): r for r in previous}
+  if results:
+    _log(f"--resume: {len(results)} finished runs kept from {json_path}; "
+         f"{n_runs - len(results)} to do.")
   probe = (None if args.no_sharpness
            else _runner.SharpnessProbe(env, config.sharpness_examples))
   show = _show_progress(args)
-  results = []
 
   def save() -> list:
     """Rewrites results.json and results.md with the runs so far."""
-    rows = _report.summarize(results, methods)
+    runs = [results[k] for k in order if k in results]
+    rows = _report.summarize(runs, methods)
     wall = wall_before + time.perf_counter() - t_start
-    complete = len(results) == n_runs
+    complete = len(runs) == n_runs
     payload.update(finished=_report.utc_now() if complete else None,
                    complete=complete, wall_s=wall, table=rows,
-                   runs=[r.to_dict() for r in results])
+                   runs=[r.to_dict() for r in runs])
     _report.write_json(json_path, payload)
     dev = payload["device"]
     header = (
         f"{described}; {dev['platform']} ({dev['device_kind']}, "
         f"{dev['cpu_cores']} cores), jax {payload['versions']['jax']}; "
-        f"{len(results)} of {n_runs} runs, {wall:.0f} s in all. "
+        f"{len(runs)} of {n_runs} runs, {wall:.0f} s in all. "
         "Δ vs SGD: the mean over seeds of (method - SGD) test accuracy with "
         "the same seed (same initial weights, same batches in the same "
         "order), with a 95% Student-t interval of that mean (n - 1 degrees "
@@ -451,27 +454,22 @@ def cmd_compare(args) -> int:
                        _report.markdown(rows, header))
     return rows
 
-  # Seed-major order: every method's timing sees the machine's drift alike.
   try:
-    for seed in seeds:
-      for m in methods:
-        if (m, seed) in done:
-          results.append(done[(m, seed)])
-          continue
-        results.append(_compare_run(runners[m], seed, probe, args, show))
-        save()
-        r = results[-1]
-        head = f"[{len(results):>{len(str(n_runs))}}/{n_runs}] {m:8s} " \
-               f"seed {seed}: "
-        if r.failed:
-          _log(head + f"failed: {r.failed}")
-        else:
-          _log(head + f"test acc {100 * r.final['test_accuracy']:.2f}%  "
-               f"train loss {r.final['train_loss']:.4f}  "
-               f"{r.ms_per_step:.2f} ms/step"
-               + ("" if r.sharpness is None
-                  else f"  lambda_max {r.sharpness:.2f}")
-               + f"  ({r.wall_s:.1f} s)")
+    for m, seed in order:
+      if (m, seed) in results:
+        continue
+      r = results[m, seed] = _compare_run(runners[m], seed, probe, args, show)
+      save()
+      head = (f"[{len(results):>{len(str(n_runs))}}/{n_runs}] {m:8s} seed "
+              f"{seed}: ")
+      if r.failed:
+        _log(head + f"failed: {r.failed}")
+      else:
+        _log(head + f"test acc {100 * r.final['test_accuracy']:.2f}%  "
+             f"train loss {r.final['train_loss']:.4f}  "
+             f"{r.ms_per_step:.2f} ms/step"
+             + ("" if r.sharpness is None else f"  lambda_max {r.sharpness:.2f}")
+             + f"  ({r.wall_s:.1f} s)")
   except KeyboardInterrupt:
     print(f"\ninterrupted: {len(results)} of {n_runs} runs are saved in "
           f"{json_path}; run the same command with --resume to do the other "
@@ -480,7 +478,8 @@ def cmd_compare(args) -> int:
   rows = save()
   title = (f"{what}, {config.epochs} epochs, "
            f"{_report.seeds_phrase(len(seeds))} (mean ± std)")
-  pngs = _report.plot(results, rows, methods, args.out, title)
+  pngs = _report.plot([results[k] for k in order], rows, methods, args.out,
+                      title)
   print()
   print(_report.markdown(rows))
   _log(f"wrote {json_path}, results.md, "

@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import textwrap
 import uuid
 from typing import Any, Mapping, Optional, Sequence
 
@@ -33,7 +34,7 @@ COLORS = {
     "sgd": "#000000", "sam": "#1f77b4", "saf": "#d62728", "mesa": "#2ca02c",
     "asam": "#ff7f0e", "gsam": "#9467bd", "looksam": "#8c564b",
     "fsam": "#17becf", "msam": "#e377c2", "esam": "#7f7f7f",
-    "ssam": "#bcbd22", "ausam": "#003f5c", "sagm": "#f0b000",
+    "ssam": "#bcbd22", "ausam": "#66d900", "sagm": "#f0b000",
 }
 _SPARE_COLORS = ("#6a3d9a", "#b15928", "#33a02c", "#fb9a99", "#a6cee3")
 
@@ -364,47 +365,50 @@ def _curves(results, methods, key):
   return out
 
 
-def label_points(ax, xs, ys, labels, colors, avoid=()) -> None:
+def label_points(ax, xs, ys, labels, colors, yerr=None) -> None:
   """Annotates each point with its label where it overlaps nothing drawn.
 
   For each point (in order) the candidate positions are rings of growing
   distance around it; the first whose text box overlaps no other label, no
-  marker and no box of ``avoid`` (display-coordinate ``Bbox``es) and stays
-  inside the axes is taken, linked to its point by a thin line when it is not
-  next to it. Call it after the figure's layout is final.
+  marker or error bar (``yerr``: half-heights, data units) and stays inside
+  the axes is taken, tied to its point by a thin line when it is not next to
+  it. Call it once the figure's layout is final.
   """
+  from matplotlib.text import Text  # pylint: disable=g-import-not-at-top
   from matplotlib.transforms import Bbox  # pylint: disable=g-import-not-at-top
   fig = ax.figure
   fig.canvas.draw()
   renderer = fig.canvas.get_renderer()
   inside = ax.get_window_extent(renderer)
-  taken = list(avoid)
-  for x, y in zip(xs, ys):
-    px, py = ax.transData.transform((x, y))
-    taken.append(Bbox.from_extents(px - 4, py - 4, px + 4, py + 4))
-  angles = [0, 45, -45, 180, 135, -135, 90, -90]
-  candidates = [(r, a) for r in (7, 16, 28, 42, 58) for a in angles]
+  pad = 5 * fig.dpi / 72  # a marker's half-width, in pixels
+  yerr = [0.0] * len(xs) if yerr is None else yerr
+  taken = []
+  for x, y, e in zip(xs, ys, yerr):
+    (x0, y0), (x1, y1) = ax.transData.transform([(x, y - e), (x, y + e)])
+    taken.append(Bbox.from_extents(x0 - pad, y0 - pad, x1 + pad, y1 + pad))
+  angles = (0, 180, 30, -30, 150, -150, 90, -90, 60, -60, 120, -120)
+  candidates = [(r, a) for r in (7, 18, 30, 44, 60, 80) for a in angles]
   for x, y, text, color in zip(xs, ys, labels, colors):
     for radius, angle in candidates:
       dx = radius * math.cos(math.radians(angle))
       dy = radius * math.sin(math.radians(angle))
-      ha = "left" if dx > 1 else "right" if dx < -1 else "center"
-      va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
       t = ax.annotate(
-          text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha,
-          va=va, fontsize=8, color=color,
-          arrowprops=(dict(arrowstyle="-", color=color, lw=0.6, alpha=0.7)
-                      if radius > 7 else None))
-      box = t.get_window_extent(renderer).padded(1.5)
-      if (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
-          and box.y1 <= inside.y1
-          and not any(box.overlaps(b) for b in taken)):
+          text, (x, y), xytext=(dx, dy), textcoords="offset points",
+          ha="left" if dx > 1 else "right" if dx < -1 else "center",
+          va="bottom" if dy > 1 else "top" if dy < -1 else "center",
+          fontsize=8, color=color,
+          arrowprops=(dict(arrowstyle="-", color=color, lw=0.6, alpha=0.6,
+                           shrinkA=0, shrinkB=4) if radius > 7 else None))
+      t.update_positions(renderer)
+      box = Text.get_window_extent(t, renderer).padded(2)  # the text alone
+      if (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0
+          and box.y1 <= inside.y1 and not any(box.overlaps(b) for b in taken)):
         taken.append(box)
         break
       t.remove()
-    else:  # nowhere free: next to the point, overlapping
-      ax.annotate(text, (x, y), xytext=(5, 3), textcoords="offset points",
-                  fontsize=8, color=color)
+    else:  # nowhere free: beside the point, overlapping
+      ax.annotate(text, (x, y), xytext=(6, 0), textcoords="offset points",
+                  va="center", fontsize=8, color=color)
 
 
 def plot(results: Sequence[Any], rows: Sequence[dict], methods: Sequence[str],
@@ -447,7 +451,8 @@ def plot(results: Sequence[Any], rows: Sequence[dict], methods: Sequence[str],
     label_points(ax, [r["cost_ratio"] for r in points],
                  [100 * r["test_accuracy_mean"] for r in points],
                  [r["method"] for r in points],
-                 [color_of(r["method"]) for r in points])
+                 [color_of(r["method"]) for r in points],
+                 [100 * r["test_accuracy_std"] for r in points])
 
   written = []
 
@@ -458,19 +463,20 @@ def plot(results: Sequence[Any], rows: Sequence[dict], methods: Sequence[str],
     written.append(path)
 
   legend_cols = 2 if len(methods) > 6 else 1
+  short_title = textwrap.fill(title, 80)  # the single plots are narrower
   for name, data, ylabel, scale, log in (
       ("accuracy.png", acc, "test accuracy (%)", 100.0, False),
       ("train_loss.png", loss, "train loss (mean over the epoch)", 1.0, True)):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     curves(ax, data, ylabel, scale, log)
     ax.legend(fontsize=7, ncol=legend_cols)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(short_title, fontsize=9)
     fig.tight_layout()
     save(fig, name)
 
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   tradeoff(ax)
-  ax.set_title(title, fontsize=9)
+  ax.set_title(short_title, fontsize=9)
   fig.tight_layout()
   label_tradeoff(ax)
   save(fig, "tradeoff.png")
