@@ -184,6 +184,8 @@ def test_compare_resume_runs_only_the_missing_runs(tmp_path, monkeypatch,
   assert [(r["method"], r["seed"]) for r in res["runs"]] == [
       ("sgd", 0), ("saf", 0), ("sgd", 1), ("saf", 1)]
   assert res["runs"][0] == saved["runs"][0]  # kept as it was
+  assert res["started"] == saved["started"]
+  assert res["wall_s"] > saved["wall_s"]  # both invocations
   assert [r["seeds"] for r in res["table"]] == [2, 2]
   assert (out / "compare.png").exists()
 

@@ -173,14 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
           "is marked failed and the others go on; the PNG plots are written "
           "at the end.",
           "The default preset (noisy) is the regime where flat minima matter: "
-          "a network that can memorise noisy training labels. It finishes in "
-          "about 2-3 minutes on 2 CPU cores. Presets (--preset; a flag given "
-          "explicitly wins):") + "\n" + presets)
+          "a network that can memorise noisy training labels; it takes about "
+          "200 s of CPU time, sized to finish within 5 minutes on 2 CPU "
+          "cores. Presets (--preset; a flag given explicitly wins):")
+      + "\n" + presets)
   _add_common(c, presets=True)
   c.add_argument("--preset", choices=sorted(_setup.PRESETS),
                  default=_setup.DEFAULT_PRESET,
-                 help=f"defaults of the data, model, budget and methods "
-                 f"(default {_setup.DEFAULT_PRESET}; see above)")
+                 help="defaults of the label noise, width, epochs, methods "
+                 f"and seeds (default {_setup.DEFAULT_PRESET}; see above)")
   c.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                  help="methods, space or comma separated, or all (every "
                  f"registered method); default: the preset's "
@@ -344,23 +345,26 @@ def _describe(config: _setup.Config, env: _setup.Env) -> tuple[str, str]:
 _DEFINITION = ("config", "methods", "seeds", "hyper", "sharpness")
 
 
-def _previous_runs(path: str, payload: dict, resume: bool) -> tuple[list,
-                                                                    float]:
-  """The finished runs of ``path`` to keep, and the wall time they took."""
+def _previous_runs(path: str, payload: dict, resume: bool) -> list:
+  """The finished runs of ``path`` to keep (``--resume``).
+
+  Also sets ``payload``'s ``started`` and ``wall_s`` to the saved ones, so
+  they count from the first invocation.
+  """
   from sharpjax.cli import _checkpoint  # pylint: disable=g-import-not-at-top
   from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     if resume:
       _log(f"note: --resume: no {path} yet, every run is to do.")
-    return [], 0.0
+    return []
   if not resume:
     _log(f"note: {path} is replaced (--resume keeps its finished runs).")
-    return [], 0.0
+    return []
   try:
     with open(path) as f:
       saved = json.load(f)
     runs = [_runner.RunResult.from_dict(r) for r in saved["runs"]]
-    wall = float(saved.get("wall_s") or 0.0)
+    started, wall = saved["started"], float(saved["wall_s"] or 0.0)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"--resume: {path} cannot be read ({e}); remove it or "
                      "choose another --out.") from None
@@ -371,7 +375,8 @@ def _previous_runs(path: str, payload: dict, resume: bool) -> tuple[list,
     raise ValueError(
         f"--resume: {path} was written by a different comparison: "
         + "; ".join(diff[:4]) + ". Give the same flags, or another --out.")
-  return runs, wall
+  payload.update(started=started, wall_s=wall)
+  return runs
 
 
 def cmd_compare(args) -> int:
@@ -418,8 +423,9 @@ def cmd_compare(args) -> int:
   }
   # Seed-major order: every method's timing sees the machine's drift alike.
   order = [(m, seed) for seed in seeds for m in methods]
-  previous, wall_before = _previous_runs(json_path, payload, args.resume)
-  results = {(r.method, r.seed): r for r in previous}
+  results = {(r.method, r.seed): r
+             for r in _previous_runs(json_path, payload, args.resume)}
+  wall_before = payload["wall_s"]
   if results:
     _log(f"--resume: {len(results)} finished runs kept from {json_path}; "
          f"{n_runs - len(results)} to do.")
@@ -656,6 +662,10 @@ def cmd_measure(args) -> int:
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     draw(ax)
+    for line in ax.get_lines():
+      line.set_color(_report.color_of(run["method"]))
+    if ax.get_legend() is not None:
+      ax.legend()  # redrawn with the line's colour
     ax.set_title(f"{title}\n{what}", fontsize=9)
     fig.tight_layout()
     pngs.append(os.path.join(out_dir, name))

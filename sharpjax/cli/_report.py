@@ -174,7 +174,13 @@ def t_quantile_975(df: int) -> float:
 
 def paired_difference(a: Mapping[int, float],
                       b: Mapping[int, float]) -> dict:
-  """Mean of ``a[s] - b[s]`` over the seeds both have, with a 95% t-interval.
+  r"""Mean of ``a[s] - b[s]`` over the seeds both have, with a 95% t-interval.
+
+  With :math:`d_s = a_s - b_s` over the :math:`n` common seeds, mean
+  :math:`\bar d` and sample standard deviation :math:`s_d`, the interval is
+  :math:`\bar d \pm t_{0.975,\,n-1}\, s_d / \sqrt{n}` (paired Student t:
+  the seed fixes the initial weights and the data order, so the two runs of a
+  seed share their luck and the pairs' differences are what varies).
 
   Returns ``{"mean", "low", "high", "n"}``; the interval is None for fewer
   than two pairs.
@@ -417,6 +423,7 @@ def plot(results: Sequence[Any], rows: Sequence[dict], methods: Sequence[str],
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.ticker import FormatStrFormatter  # pylint: disable=g-import-not-at-top
   from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
 
   acc = _curves(results, methods, "test_accuracy")
@@ -435,6 +442,9 @@ def plot(results: Sequence[Any], rows: Sequence[dict], methods: Sequence[str],
     ax.set_ylabel(ylabel)
     if log:
       ax.set_yscale("log")
+      plain = FormatStrFormatter("%.2g")  # 0.6, 1, 2: not 6x10^-1
+      ax.yaxis.set_major_formatter(plain)
+      ax.yaxis.set_minor_formatter(plain)
     ax.grid(alpha=0.3)
 
   def tradeoff(ax):
