@@ -48,6 +48,13 @@ def _leaves(directory, step=None):
 # ---------------------------------------------------------------------------
 
 
+def _strict_json(path):
+  """results.json read by a parser that refuses NaN and Infinity."""
+  def refuse(name):
+    raise ValueError(f"{path} holds {name}, which is not JSON")
+  return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_compare_end_to_end(tmp_path, capsys):
   out = tmp_path / "cmp"
   rc = main(["compare", "--methods", "sgd,sam", "saf", "--seeds", "2",
@@ -59,8 +66,12 @@ def test_compare_end_to_end(tmp_path, capsys):
   assert "step/s" not in captured.err and "it/s" not in captured.err
   assert len(re.findall(r"^\[\d+/6\] ", captured.out, re.M)) == 6
   assert "| method |" in captured.out
+  assert re.search(r"^- saf: [+-]\d+\.\d points over sgd \(95% CI "
+                   r"[+-]\d+\.\d to [+-]\d+\.\d over 2 paired seeds\) at "
+                   r"\d+\.\d\dx its step time$", captured.out, re.M)
 
-  res = json.loads((out / "results.json").read_text())
+  res = _strict_json(out / "results.json")
+  assert res["complete"] and res["finished"]
   assert res["methods"] == ["sgd", "sam", "saf"]
   assert res["seeds"] == [0, 1]
   assert res["config"]["epochs"] == 2 and res["config"]["batch_size"] == 32
@@ -89,15 +100,25 @@ def test_compare_end_to_end(tmp_path, capsys):
   for run in runs:
     assert [h["epoch"] for h in run["history"]] == [1, 2]
     assert run["steps"] == 14
-  # Table figures are the means over the runs.
-  sam_acc = [r["history"][-1]["test_accuracy"] for r in runs
-             if r["method"] == "sam"]
-  assert rows["sam"]["test_accuracy_mean"] == pytest.approx(np.mean(sam_acc))
+  # Table figures are the means over the runs; the difference to SGD is the
+  # mean of the per-seed differences, with a t-interval of 1 degree of freedom.
+  acc = {(r["method"], r["seed"]): r["history"][-1]["test_accuracy"]
+         for r in runs}
+  assert rows["sam"]["test_accuracy_mean"] == pytest.approx(
+      np.mean([acc["sam", 0], acc["sam", 1]]))
+  d = np.array([acc["saf", s] - acc["sgd", s] for s in (0, 1)])
+  half = 12.706 * d.std(ddof=1) / np.sqrt(2)
+  delta = rows["saf"]["delta_vs_sgd"]
+  assert delta["n"] == 2 and delta["mean"] == pytest.approx(d.mean())
+  assert (delta["low"], delta["high"]) == pytest.approx(
+      (d.mean() - half, d.mean() + half))
+  assert rows["sgd"]["delta_vs_sgd"] is None
 
   md = (out / "results.md").read_text()
   for m in ("sgd", "sam", "saf"):
     assert re.search(rf"^\| {m} \|", md, re.M)
-  assert "λ_max" in md
+  assert "λ_max" in md and "Δ vs SGD" in md and "| sgd | " in md
+  assert "- sam: " in md
   for png in ("accuracy.png", "train_loss.png", "tradeoff.png",
               "compare.png"):
     data = (out / png).read_bytes()
@@ -119,6 +140,181 @@ def test_same_seed_same_start_across_methods(tmp_path):
   # The data order depends on the seed alone.
   np.testing.assert_array_equal(env.loader(1).order(3),
                                 env.loader(1).order(3))
+
+
+# Two methods x two seeds of one epoch, no Hessian measure: 4 quick runs.
+RESUMABLE = ["compare", "--methods", "sgd", "saf", "--seeds", "2", "--epochs",
+             "1", "--no-sharpness", *TINY_MLP]
+
+
+def _count_runs(monkeypatch, interrupt_at=None):
+  """Counts MethodRunner.run calls; raises KeyboardInterrupt at call N."""
+  calls = []
+  real_run = _runner.MethodRunner.run
+
+  def run(self, seed, *args, **kwargs):
+    calls.append((self.method.name, seed))
+    if len(calls) == interrupt_at:
+      raise KeyboardInterrupt  # as Ctrl-C in the middle of that run
+    return real_run(self, seed, *args, **kwargs)
+
+  monkeypatch.setattr(_runner.MethodRunner, "run", run)
+  return calls
+
+
+def test_compare_resume_runs_only_the_missing_runs(tmp_path, monkeypatch,
+                                                   capsys):
+  out = tmp_path / "cmp"
+  calls = _count_runs(monkeypatch, interrupt_at=2)
+  assert main([*RESUMABLE, "--out", str(out)]) == 130
+  err = capsys.readouterr().err
+  assert "1 of 4 runs are saved" in err and "--resume" in err
+  saved = _strict_json(out / "results.json")
+  assert not saved["complete"] and saved["finished"] is None
+  assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("sgd", 0)]
+  assert "| sgd |" in (out / "results.md").read_text()
+  assert not any(f.startswith(".") for f in os.listdir(out))  # no temp files
+
+  calls = _count_runs(monkeypatch)
+  assert main([*RESUMABLE, "--out", str(out), "--resume"]) == 0
+  assert calls == [("saf", 0), ("sgd", 1), ("saf", 1)]
+  assert "1 finished runs kept" in capsys.readouterr().out
+  res = _strict_json(out / "results.json")
+  assert res["complete"]
+  assert [(r["method"], r["seed"]) for r in res["runs"]] == [
+      ("sgd", 0), ("saf", 0), ("sgd", 1), ("saf", 1)]
+  assert res["runs"][0] == saved["runs"][0]  # kept as it was
+  assert res["started"] == saved["started"]
+  assert res["wall_s"] > saved["wall_s"]  # both invocations
+  assert [r["seeds"] for r in res["table"]] == [2, 2]
+  assert (out / "compare.png").exists()
+
+  # Everything done: --resume runs nothing; another budget is refused.
+  calls = _count_runs(monkeypatch)
+  assert main([*RESUMABLE, "--out", str(out), "--resume"]) == 0
+  assert not calls
+  assert main([*RESUMABLE, "--out", str(out), "--resume", "--epochs",
+               "2"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and not calls
+  assert "different comparison: config.epochs: saved 1, this run 2" in err
+
+
+def test_a_nan_method_is_marked_failed_and_the_others_go_on(tmp_path,
+                                                            capsys):
+  out = tmp_path / "nan"
+  assert main(["compare", "--methods", "sgd", "sam", "saf", "--set",
+               "sam.rho=1e30", "--seeds", "2", "--epochs", "1",
+               "--sharpness-examples", "32", "--out", str(out),
+               *TINY_MLP]) == 0
+  printed = capsys.readouterr().out
+  assert re.search(r"sam +seed 0: failed: the training loss became nan", printed)
+  res = _strict_json(out / "results.json")  # no NaN anywhere
+  rows = {r["method"]: r for r in res["table"]}
+  assert [f["seed"] for f in rows["sam"]["failed"]] == [0, 1]
+  assert rows["sam"]["test_accuracy_mean"] is None
+  for m in ("sgd", "saf"):
+    assert not rows[m]["failed"] and rows[m]["seeds"] == 2
+    assert 0 <= rows[m]["test_accuracy_mean"] <= 1
+  assert [r["steps"] for r in res["runs"] if r["method"] == "saf"] == [7, 7]
+  assert rows["saf"]["delta_vs_sgd"]["n"] == 2
+  md = (out / "results.md").read_text()
+  assert "| sam | failed (2 of 2 seeds) |" in md
+  assert "- sam: failed on seed 0: the training loss became nan" in md
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "--methods", "sgd", "--seeds", "1"],
+    ["train", "--method", "sgd"]])
+def test_a_bad_out_is_refused_before_training(tmp_path, monkeypatch, capsys,
+                                              command):
+  def no_training(*args, **kwargs):
+    raise AssertionError("training started")
+
+  monkeypatch.setattr(_runner.MethodRunner, "__init__", no_training)
+  a_file = tmp_path / "results.txt"
+  a_file.write_text("not a directory")
+  for out, needle in ((a_file, "is a file, not a directory"),
+                      (a_file / "sub", "is not a writable directory")):
+    assert main([*command, "--epochs", "1", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sharpjax {command[0]}: error: --out {out} {needle}")
+    assert len(err.strip().splitlines()) == 1
+  if os.geteuid() != 0:  # root writes anywhere
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main([*command, "--epochs", "1", "--out", str(locked), *TINY]) == 2
+    assert "is not a writable directory" in capsys.readouterr().err
+
+
+def test_presets_and_all():
+  from sharpjax.cli import _main
+  from sharpjax.cli import _setup
+  parse = lambda *a: _main.build_parser().parse_args(["compare", *a])
+  args = parse()
+  _main._apply_preset(args)
+  assert args.preset == "noisy"
+  assert (args.label_noise, args.width, args.epochs, args.seeds) == (0.2, 32,
+                                                                    60, 5)
+  assert args.methods == ["sgd", "sam", "saf", "mesa"]
+  # The clean-label table of the README: 12 methods, width 25, 20 epochs; an
+  # explicit flag wins over the preset.
+  args = parse("--preset", "clean12", "--epochs", "3", "--label-noise", "0.1")
+  _main._apply_preset(args)
+  assert (args.label_noise, args.width, args.epochs, args.seeds) == (0.1, 25,
+                                                                    3, 3)
+  assert len(args.methods) == 12 and "sagm" not in args.methods
+  for preset in _setup.PRESETS.values():
+    assert sorted(preset.flags) == sorted(_setup.PRESET_FLAGS)
+    for m in preset.flags["methods"]:
+      _methods.get(m)
+  assert _main._split_methods(["all"]) == _methods.names()
+  assert _main._split_methods(["sgd,sam", "saf"]) == ["sgd", "sam", "saf"]
+
+
+def test_t_quantiles_and_paired_difference_match_scipy():
+  from sharpjax.cli import _report
+  stats = pytest.importorskip("scipy.stats")
+  for df in (1, 2, 4, 10, 30, 31, 45, 200):
+    assert _report.t_quantile_975(df) == pytest.approx(
+        stats.t.ppf(0.975, df), abs=1e-3)
+  a = {0: 0.71, 1: 0.80, 2: 0.74, 3: 0.77, 7: 0.9}  # seed 7: no pair
+  b = {0: 0.70, 1: 0.75, 2: 0.72, 3: 0.70}
+  d = np.array([0.01, 0.05, 0.02, 0.07])
+  lo, hi = stats.t.interval(0.95, 3, loc=d.mean(), scale=stats.sem(d))
+  got = _report.paired_difference(a, b)
+  assert got["n"] == 4 and got["mean"] == pytest.approx(d.mean())
+  assert (got["low"], got["high"]) == pytest.approx((lo, hi), abs=1e-5)
+  assert _report.paired_difference({0: 0.5}, {0: 0.4})["low"] is None
+
+
+def test_every_method_has_its_own_colour_and_labels_do_not_overlap():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.text import Text
+  from sharpjax.cli import _report
+  names = _methods.names()
+  assert set(names) <= set(_report.COLORS)
+  assert len({_report.color_of(m) for m in names}) == len(names)
+  # Nine methods within 0.1x of cost and one point of accuracy (the cluster
+  # of the 12-method table), and two points far away.
+  rng = np.random.default_rng(0)
+  xs = list(1.6 + 0.1 * rng.random(9)) + [1.0, 3.9]
+  ys = list(84 + rng.random(9)) + [84.0, 56.0]
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  ax.plot(xs, ys, "o")
+  ax.margins(0.25)
+  fig.tight_layout()
+  _report.label_points(ax, xs, ys, names[:11], ["k"] * 11)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+  assert len(boxes) == 11
+  for i, box in enumerate(boxes):
+    assert not any(box.overlaps(other) for other in boxes[i + 1:])
+    assert ax.get_window_extent(renderer).contains(box.x0, box.y0)
+  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------
@@ -295,7 +491,6 @@ def test_registry_has_every_method_of_the_library():
     if hasattr(sj, name):
       assert name in _methods.names()
   assert _methods.names()[0] == "sgd"
-  assert _methods.DEFAULT_COMPARE == tuple(_methods.names())
   budget = _methods.Budget(num_examples=100, num_classes=10,
                            steps_per_epoch=4, epochs=3)
   for name in _methods.names():
@@ -375,6 +570,7 @@ def test_compare_on_cifar_format_images_with_resnet(tmp_path, capsys):
                "--model", "resnet18", "--width", "4", "--methods", "sgd",
                "--seeds", "1", "--epochs", "1", "--batch-size", "64",
                "--no-sharpness", "--progress", "off", "--out", str(out)]) == 0
+  assert "1 seed;" in capsys.readouterr().out
   result = json.loads((out / "results.json").read_text())
   assert [r["method"] for r in result["table"]] == ["sgd"]
   assert result["runs"][0]["steps"] == 2  # 128 images, batches of 64

@@ -2,8 +2,9 @@
 
 .. code-block:: bash
 
-  sharpjax compare                       # every method, MNIST-1D, 3 seeds
-  sharpjax compare --methods sgd sam saf --epochs 30 --label-noise 0.2
+  sharpjax compare                       # sgd sam saf mesa, noisy MNIST-1D
+  sharpjax compare --preset clean12      # 12 methods, clean labels
+  sharpjax compare --methods all --resume  # every method; keep finished runs
   sharpjax train --method saf --save-every 100 --out runs/saf
   sharpjax train --method saf --out runs/saf --resume
   sharpjax measure runs/saf/checkpoints --density --landscape

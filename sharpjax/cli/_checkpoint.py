@@ -67,15 +67,16 @@ def signature(tree: Any) -> list[dict]:
 
 
 def run_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any],
-                   prefix: str = "") -> list[str]:
+                   prefix: str = "", saved_name: str = "checkpoint"
+                   ) -> list[str]:
   """``["epochs: checkpoint 3, this run 5", ...]`` for differing entries."""
   out = []
   for k in sorted(set(saved) | set(current)):
     a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += run_mismatches(a, b, f"{prefix}{k}.")
+      out += run_mismatches(a, b, f"{prefix}{k}.", saved_name)
     elif _normalize(a) != _normalize(b):
-      out.append(f"{prefix}{k}: checkpoint {a!r}, this run {b!r}")
+      out.append(f"{prefix}{k}: {saved_name} {a!r}, this run {b!r}")
   return out
 
 

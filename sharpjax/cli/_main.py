@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import textwrap
 import time
 from typing import Any, Optional, Sequence
 
@@ -14,6 +16,7 @@ from sharpjax.cli import _setup
 _INT_HYPER = {"start_epoch", "delay_epochs", "update_every",
               "transition_steps", "k", "num_chunks", "num_fisher_samples"}
 _STR_HYPER = {"mask"}
+_TRAIN_EPOCHS = 20
 
 EPILOG_METHODS = """\
 methods (hyper-parameters and defaults; "auto" is set from the budget):
@@ -31,6 +34,10 @@ sets one method's (e.g. --set asam.rho=1.0 --set looksam.alpha=0.5).
   paper's 5,000 of 78,000 steps). ssam update_every = one epoch of steps.
   ausam transition_steps = 15% of the run (the paper's 30 of 200 epochs).
 """
+
+
+def _paragraphs(*texts: str) -> str:
+  return "\n\n".join(textwrap.fill(t, 79) for t in texts)
 
 
 def _methods_table() -> str:
@@ -62,8 +69,27 @@ def _parse_value(text: str) -> Any:
   return text
 
 
-def _add_common(p: argparse.ArgumentParser, epochs_default: int) -> None:
+def _preset_values(name: str) -> str:
+  """``noisy: 60, clean12: 20``: each preset's value of a flag."""
+  show = lambda v: " ".join(v) if isinstance(v, list) else str(v)
+  return ", ".join(f"{k}: {show(v.flags[name])}"
+                   for k, v in _setup.PRESETS.items())
+
+
+def _add_common(p: argparse.ArgumentParser, presets: bool = False) -> None:
+  """The data, model, budget and hyper-parameter flags of compare and train.
+
+  With ``presets`` the flags named in :data:`_setup.PRESET_FLAGS` default to
+  None and take ``--preset``'s value after parsing (:func:`_apply_preset`).
+  """
   d = _setup.Config()
+
+  def default(name, value):
+    """``(default, help text)`` of a flag a preset sets."""
+    if presets:
+      return None, f"default: the preset's ({_preset_values(name)})"
+    return value, "default " + ("the model's" if value is None else str(value))
+
   g = p.add_argument_group("data, model and budget")
   g.add_argument("--data", default=d.data,
                  help="data set: " + ", ".join(
@@ -75,19 +101,21 @@ def _add_common(p: argparse.ArgumentParser, epochs_default: int) -> None:
   g.add_argument("--num-examples", type=int, default=None,
                  help="examples to generate/keep (mnist1d: train + test, "
                  "default 5000 = 4000 train / 1000 test)")
-  g.add_argument("--label-noise", type=float, default=d.label_noise,
+  value, text = default("label_noise", d.label_noise)
+  g.add_argument("--label-noise", type=float, default=value,
                  help="fraction of training labels replaced by another class "
-                 "(default 0)")
+                 f"({text})")
   g.add_argument("--model", default=d.model,
                  help="model: " + ", ".join(
                      f"{k} ({v[1]})" for k, v in _setup.MODELS.items())
                  + f" (default {d.model})")
-  g.add_argument("--width", type=int, default=None,
-                 help="model width (cnn1d channels, mlp hidden units)")
+  value, text = default("width", None)
+  g.add_argument("--width", type=int, default=value,
+                 help=f"model width (cnn1d channels, mlp hidden units; {text})")
   g.add_argument("--batch-size", type=int, default=d.batch_size,
                  help=f"batch size (default {d.batch_size})")
-  g.add_argument("--epochs", type=int, default=epochs_default,
-                 help=f"epochs (default {epochs_default})")
+  value, text = default("epochs", _TRAIN_EPOCHS)
+  g.add_argument("--epochs", type=int, default=value, help=f"epochs ({text})")
   g.add_argument("--lr", type=float, default=d.lr,
                  help=f"peak learning rate, cosine decay to 0 (default {d.lr})")
   g.add_argument("--momentum", type=float, default=d.momentum,
@@ -122,29 +150,51 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
 
+  presets = "\n".join(
+      textwrap.fill(v.summary, 79, initial_indent=f"  {k:9s}",
+                    subsequent_indent=" " * 11)
+      for k, v in _setup.PRESETS.items())
   c = sub.add_parser(
       "compare", formatter_class=fmt, epilog=epilog,
       help="train several methods on the same data, model, seeds and budget",
-      description=(
-          "Trains every method on the same data, model, seeds and budget and "
-          "prints a table: test accuracy (mean ± std over seeds), final "
-          "train loss, time per step (after compilation, the fastest "
-          "epoch's, median over seeds) and its ratio to SGD's in the same run, peak host "
-          "memory, optimizer-state size, and the top Hessian eigenvalue at "
-          "the end. Writes results.json, results.md and PNG plots to --out."
-          "\n\nThe defaults (MNIST-1D, the 1D CNN, every method, 3 seeds, "
-          "20 epochs of 31 steps of 128) finish in about 2-4 minutes on 2 "
-          "CPU cores."))
-  _add_common(c, epochs_default=20)
-  c.add_argument("--methods", nargs="+", default=list(_methods.DEFAULT_COMPARE),
-                 metavar="METHOD",
-                 help="methods (space or comma separated; default: all: "
-                 + " ".join(_methods.DEFAULT_COMPARE) + "); sgd, the "
-                 "baseline of the cost ratio, is added when missing")
-  c.add_argument("--seeds", type=int, default=3,
-                 help="number of seeds, 0..N-1 (default 3)")
+      description=_paragraphs(
+          "Trains every method with the same data, model, seeds and budget "
+          "(with one seed, every method starts from the same weights and sees "
+          "the same batches in the same order) and prints a table: test "
+          "accuracy (mean ± std over seeds), its difference to SGD's (the "
+          "mean of the per-seed differences with a 95% Student-t interval), "
+          "time per step as a multiple of SGD's in the same run (after "
+          "compilation, the fastest epoch's, median over seeds), the top "
+          "Hessian eigenvalue at the end, the final train loss and the state "
+          "size; then one line per method.",
+          "results.json and results.md in --out are rewritten after every "
+          "finished (method, seed) run, so Ctrl-C keeps what is done and "
+          "--resume runs only what is missing; a run whose loss becomes NaN "
+          "is marked failed and the others go on; the PNG plots are written "
+          "at the end.",
+          "The default preset (noisy) is the regime where flat minima matter: "
+          "a network that can memorise noisy training labels; it takes about "
+          "200 s of CPU time, sized to finish within 5 minutes on 2 CPU "
+          "cores. Presets (--preset; a flag given explicitly wins):")
+      + "\n" + presets)
+  _add_common(c, presets=True)
+  c.add_argument("--preset", choices=sorted(_setup.PRESETS),
+                 default=_setup.DEFAULT_PRESET,
+                 help="defaults of the label noise, width, epochs, methods "
+                 f"and seeds (default {_setup.DEFAULT_PRESET}; see above)")
+  c.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                 help="methods, space or comma separated, or all (every "
+                 f"registered method); default: the preset's "
+                 f"({_preset_values('methods')}); sgd, the baseline, is added "
+                 "when missing")
+  c.add_argument("--seeds", type=int, default=None,
+                 help="number of seeds, 0..N-1 (default: the preset's ("
+                 f"{_preset_values('seeds')}))")
   c.add_argument("--out", default="sharpjax-compare",
                  help="output directory (default ./sharpjax-compare)")
+  c.add_argument("--resume", action="store_true",
+                 help="keep the finished runs of --out/results.json and run "
+                 "only the missing ones (the configuration must be the same)")
   c.add_argument("--no-sharpness", action="store_true",
                  help="skip the top Hessian eigenvalue at the end of each run")
   c.add_argument("--sharpness-examples", type=int, default=500,
@@ -164,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
           "SAF's logit bank or MESA's teacher, PRNG keys, data position and "
           "the epoch history). Ctrl-C or a crash leaves the last complete "
           "checkpoint usable."))
-  _add_common(t, epochs_default=20)
+  _add_common(t)
   t.add_argument("--method", default="sam",
                  help="method (default sam): " + ", ".join(_methods.names()))
   t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -213,10 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_methods(values: Sequence[str]) -> list[str]:
+  """``["sgd,sam", "saf"]`` -> ``["sgd", "sam", "saf"]``; ``all``: every one."""
   out = []
   for v in values:
     out += [x.strip() for x in v.split(",") if x.strip()]
-  return out
+  return _methods.names() if "all" in out else out
+
+
+def _apply_preset(args) -> None:
+  """Sets the flags of ``--preset`` the command line left unset (None)."""
+  for name, value in _setup.PRESETS[args.preset].flags.items():
+    if getattr(args, name) is None:
+      setattr(args, name, list(value) if isinstance(value, list) else value)
 
 
 def _config(args) -> _setup.Config:
@@ -270,100 +328,190 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _describe(config: _setup.Config, env: _setup.Env) -> tuple[str, str]:
+  """What is trained and with what budget, for logs, tables and plots:
+  ``("mnist1d (4000 train / 1000 test, 20% label noise), cnn1d width 32",
+  "60 epochs x 31 steps of 128, lr 0.05 cosine")``."""
+  noise = (f", {config.label_noise:.0%} label noise" if config.label_noise
+           else ", clean labels")
+  width = f" width {config.width}" if config.width else ""
+  return (f"{config.data} ({len(env.train)} train / {len(env.test)} test"
+          f"{noise}), {config.model}{width}",
+          f"{config.epochs} epochs x {env.steps_per_epoch} steps of "
+          f"{config.batch_size}, lr {config.lr} cosine")
+
+
+# What a saved results.json must share with this command for --resume.
+_DEFINITION = ("config", "methods", "seeds", "hyper", "sharpness")
+
+
+def _previous_runs(path: str, payload: dict, resume: bool) -> list:
+  """The finished runs of ``path`` to keep (``--resume``).
+
+  Also sets ``payload``'s ``started`` and ``wall_s`` to the saved ones, so
+  they count from the first invocation.
+  """
+  from sharpjax.cli import _checkpoint  # pylint: disable=g-import-not-at-top
+  from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    if resume:
+      _log(f"note: --resume: no {path} yet, every run is to do.")
+    return []
+  if not resume:
+    _log(f"note: {path} is replaced (--resume keeps its finished runs).")
+    return []
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    runs = [_runner.RunResult.from_dict(r) for r in saved["runs"]]
+    started, wall = saved["started"], float(saved["wall_s"] or 0.0)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"--resume: {path} cannot be read ({e}); remove it or "
+                     "choose another --out.") from None
+  diff = _checkpoint.run_mismatches(
+      {k: saved.get(k) for k in _DEFINITION},
+      {k: payload[k] for k in _DEFINITION}, saved_name="saved")
+  if diff:
+    raise ValueError(
+        f"--resume: {path} was written by a different comparison: "
+        + "; ".join(diff[:4]) + ". Give the same flags, or another --out.")
+  payload.update(started=started, wall_s=wall)
+  return runs
+
+
 def cmd_compare(args) -> int:
   from sharpjax.cli import _report  # pylint: disable=g-import-not-at-top
   from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
 
   t_start = time.perf_counter()
   started = _report.utc_now()
+  _apply_preset(args)
   methods = _split_methods(args.methods)
   for m in methods:
     _methods.get(m)
   if len(set(methods)) != len(methods):
     raise ValueError(f"--methods lists a method twice: {methods}.")
-  if "sgd" not in methods:
-    methods.insert(0, "sgd")
-    _log("note: sgd added, the baseline of the cost ratio.")
+  if _report.BASELINE not in methods:
+    methods.insert(0, _report.BASELINE)
+    _log(f"note: {_report.BASELINE} added, the baseline of the comparison.")
   if args.seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {args.seeds}.")
   config = _config(args)
   overrides = _overrides(args, methods)
-  flags = _flags(args)
+  _report.check_out_dir(args.out)
+  json_path = os.path.join(args.out, "results.json")
   env = _setup.make_env(config)
   seeds = list(range(args.seeds))
-  show = _show_progress(args)
-  _log(f"sharpjax compare: {config.data} ({len(env.train)} train / "
-       f"{len(env.test)} test), {config.model}, {len(methods)} methods x "
-       f"{len(seeds)} seeds, {config.epochs} epochs x {env.steps_per_epoch} "
-       f"steps of {config.batch_size}")
-  runners = {m: _runner.MethodRunner(env, m, flags, overrides.get(m, {}))
+  n_runs = len(methods) * len(seeds)
+  what, budget = _describe(config, env)
+  described = f"{what}, {budget}, {_report.seeds_phrase(len(seeds))}"
+  _log(f"sharpjax compare: {described}; {len(methods)} methods, {n_runs} "
+       "runs")
+  runners = {m: _runner.MethodRunner(env, m, _flags(args), overrides.get(m, {}))
              for m in methods}
-  probe = (None if args.no_sharpness
-           else _runner.SharpnessProbe(env, config.sharpness_examples))
-  results = []
-  n_runs, i = len(methods) * len(seeds), 0
-  # Seed-major order: every method's timing sees the machine's drift alike.
-  for seed in seeds:
-    for m in methods:
-      i += 1
-      runner = runners[m]
-      state, progress, timing = runner.run(
-          seed, show_progress=show, label=f"{m} seed {seed}")
-      sharp = None if probe is None else probe.top_eigenvalue(state, seed)
-      trace = (probe.trace(state, seed, args.trace_probes)
-               if probe is not None and args.trace_probes else None)
-      r = _runner.summarize_run(m, seed, runner.hyper, progress, timing,
-                                state, sharp, trace)
-      del state
-      results.append(r)
-      f = r.final
-      _log(f"[{i:>{len(str(n_runs))}}/{n_runs}] {m:8s} seed {seed}: test acc "
-           f"{100 * f['test_accuracy']:.2f}%  train loss "
-           f"{f['train_loss']:.4f}  {r.ms_per_step:.2f} ms/step"
-           + ("" if sharp is None else f"  lambda_max {sharp:.2f}")
-           + f"  ({r.wall_s:.1f} s)")
-
-  rows = _report.summarize(results, methods)
-  os.makedirs(args.out, exist_ok=True)
-  device = _report.device_info()
-  versions = _report.versions()
-  wall = time.perf_counter() - t_start
-  header = (
-      f"{config.data} ({len(env.train)} train / {len(env.test)} test"
-      + (f", {config.label_noise:.0%} label noise" if config.label_noise
-         else "") + f"), {config.model}, {config.epochs} epochs x "
-      f"{env.steps_per_epoch} steps of {config.batch_size}, lr {config.lr} "
-      f"cosine, {len(seeds)} seeds; {device['platform']} "
-      f"({device['device_kind']}, {device['cpu_cores']} cores), jax "
-      f"{versions['jax']}; total {wall:.0f} s. Time per step: the fastest "
-      "epoch's after compilation, median over seeds; λ_max: top Hessian eigenvalue of the "
-      f"training loss on {config.sharpness_examples} training examples at "
-      "the end; peak RSS: the process's peak resident memory (getrusage) "
-      "when the method's last run ended; state: parameters + optimizer "
-      "state (SAF's bank, MESA's teacher).")
-  table = _report.markdown(rows, header)
   payload = {
-      "command": "sharpjax " + " ".join(args.argv),
-      "started": started, "finished": _report.utc_now(), "wall_s": wall,
+      "command": "sharpjax " + " ".join(args.argv), "started": started,
+      "finished": None, "complete": False, "wall_s": 0.0,
       "config": config.to_dict(), "methods": methods, "seeds": seeds,
+      "hyper": {m: runners[m].hyper for m in methods},
+      "sharpness": {"top_eigenvalue": not args.no_sharpness,
+                    "trace_probes": args.trace_probes},
       "data": {"train": len(env.train), "test": len(env.test),
                "num_classes": env.num_classes,
                "steps_per_epoch": env.steps_per_epoch},
-      "hyper": {m: runners[m].hyper for m in methods},
-      "table": rows, "runs": [r.to_dict() for r in results],
-      "versions": versions, "device": device,
+      "versions": _report.versions(), "device": _report.device_info(),
   }
-  _report.write_json(os.path.join(args.out, "results.json"), payload)
-  with open(os.path.join(args.out, "results.md"), "w") as fh:
-    fh.write(table)
-  title = (f"{config.data}, {config.model}, {config.epochs} epochs, "
-           f"{len(seeds)} seeds (mean ± std)")
-  pngs = _report.plot(results, rows, methods, args.out, title)
+  # Seed-major order: every method's timing sees the machine's drift alike.
+  order = [(m, seed) for seed in seeds for m in methods]
+  results = {(r.method, r.seed): r
+             for r in _previous_runs(json_path, payload, args.resume)}
+  wall_before = payload["wall_s"]
+  if results:
+    _log(f"--resume: {len(results)} finished runs kept from {json_path}; "
+         f"{n_runs - len(results)} to do.")
+  probe = (None if args.no_sharpness
+           else _runner.SharpnessProbe(env, config.sharpness_examples))
+  show = _show_progress(args)
+
+  def save() -> list:
+    """Rewrites results.json and results.md with the runs so far."""
+    runs = [results[k] for k in order if k in results]
+    rows = _report.summarize(runs, methods)
+    wall = wall_before + time.perf_counter() - t_start
+    complete = len(runs) == n_runs
+    payload.update(finished=_report.utc_now() if complete else None,
+                   complete=complete, wall_s=wall, table=rows,
+                   runs=[r.to_dict() for r in runs])
+    _report.write_json(json_path, payload)
+    dev = payload["device"]
+    header = (
+        f"{described}; {dev['platform']} ({dev['device_kind']}, "
+        f"{dev['cpu_cores']} cores), jax {payload['versions']['jax']}; "
+        f"{len(runs)} of {n_runs} runs, {wall:.0f} s in all. "
+        "Δ vs SGD: the mean over seeds of (method - SGD) test accuracy with "
+        "the same seed (same initial weights, same batches in the same "
+        "order), with a 95% Student-t interval of that mean (n - 1 degrees "
+        "of freedom). Step time: the fastest epoch's after compilation, "
+        "median over seeds, divided by SGD's. λ_max: top Hessian eigenvalue "
+        f"of the training loss on {config.sharpness_examples} training "
+        "examples at the end. State: parameters + optimizer state (SAF's "
+        "bank, MESA's teacher).")
+    _report.write_text(os.path.join(args.out, "results.md"),
+                       _report.markdown(rows, header))
+    return rows
+
+  try:
+    for m, seed in order:
+      if (m, seed) in results:
+        continue
+      r = results[m, seed] = _compare_run(runners[m], seed, probe, args, show)
+      save()
+      head = (f"[{len(results):>{len(str(n_runs))}}/{n_runs}] {m:8s} seed "
+              f"{seed}: ")
+      if r.failed:
+        _log(head + f"failed: {r.failed}")
+      else:
+        _log(head + f"test acc {100 * r.final['test_accuracy']:.2f}%  "
+             f"train loss {r.final['train_loss']:.4f}  "
+             f"{r.ms_per_step:.2f} ms/step"
+             + ("" if r.sharpness is None else f"  lambda_max {r.sharpness:.2f}")
+             + f"  ({r.wall_s:.1f} s)")
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: {len(results)} of {n_runs} runs are saved in "
+          f"{json_path}; run the same command with --resume to do the other "
+          f"{n_runs - len(results)}.", file=sys.stderr, flush=True)
+    return 130
+  rows = save()
+  title = (f"{what}, {config.epochs} epochs, "
+           f"{_report.seeds_phrase(len(seeds))} (mean ± std)")
+  pngs = _report.plot([results[k] for k in order], rows, methods, args.out,
+                      title)
   print()
   print(_report.markdown(rows))
-  _log(f"wrote {os.path.join(args.out, 'results.json')}, results.md, "
-       + ", ".join(os.path.basename(p) for p in pngs) + f" ({wall:.0f} s)")
+  _log(f"wrote {json_path}, results.md, "
+       + ", ".join(os.path.basename(p) for p in pngs)
+       + f" ({payload['wall_s']:.0f} s)")
   return 0
+
+
+def _compare_run(runner, seed: int, probe, args, show: bool):
+  """One (method, seed) run of compare; a non-finite loss is a failed run."""
+  from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
+  name = runner.method.name
+  progress = _runner.Progress()
+  t0 = time.perf_counter()
+  try:
+    state, progress, timing = runner.run(
+        seed, progress=progress, show_progress=show,
+        label=f"{name} seed {seed}")
+  except _runner.NonFiniteLoss as e:
+    return _runner.failed_run(name, seed, runner.hyper, progress,
+                              runner.compile_s, time.perf_counter() - t0, e)
+  sharp = None if probe is None else probe.top_eigenvalue(state, seed)
+  trace = (probe.trace(state, seed, args.trace_probes)
+           if probe is not None and args.trace_probes else None)
+  return _runner.summarize_run(name, seed, runner.hyper, progress, timing,
+                               state, sharp, trace)
 
 
 # ---------------------------------------------------------------------------
@@ -379,6 +527,7 @@ def cmd_train(args) -> int:
   _methods.get(args.method)
   config = _config(args)
   overrides = _overrides(args, [args.method]).get(args.method, {})
+  _report.check_out_dir(args.out)
   env = _setup.make_env(config)
   runner = _runner.MethodRunner(env, args.method, _flags(args), overrides)
   save_every = args.save_every or env.steps_per_epoch
@@ -442,7 +591,6 @@ def cmd_train(args) -> int:
   ckpt.save(state, run_def, progress.to_dict(), position(progress.step))
   result = _runner.summarize_run(args.method, args.seed, runner.hyper,
                                  progress, timing, state, None)
-  os.makedirs(args.out, exist_ok=True)
   payload = {"command": "sharpjax " + " ".join(args.argv),
              "finished": _report.utc_now(), "run": run_def,
              "complete": progress.step >= total, "checkpoint_dir": ckpt_dir,
@@ -480,6 +628,8 @@ def cmd_measure(args) -> int:
   ckpt = _checkpoint.Checkpointer(path)
   step, meta = ckpt.read_meta(step)
   run = meta["run"]
+  out_dir = _report.check_out_dir(
+      args.out or os.path.join(os.path.dirname(path), "measure"))
   config = _setup.Config.from_dict(run["config"])
   env = _setup.make_env(config)
   runner = _runner.MethodRunner(env, run["method"], {}, run["hyper"])
@@ -502,34 +652,44 @@ def cmd_measure(args) -> int:
       "train_loss": float(loss(state.params, probe.batch).mean()),
       **runner.evaluate(state),
   }
-  out_dir = args.out or os.path.join(os.path.dirname(path), "measure")
-  os.makedirs(out_dir, exist_ok=True)
   pngs = []
-  if args.density or args.landscape:
+  what = (f"{run['method']} (seed {run['seed']}), checkpoint step {step}, "
+          f"{out['examples']} training examples")
+
+  def save_plot(name: str, title: str, draw) -> None:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  if args.density:
-    dens = measures.spectral_density(loss, state.params, probe.batch, k3)
-    fig = measures.plot_spectral_density(dens, label=run["method"])
-    fig = getattr(fig, "figure", fig)
-    pngs.append(os.path.join(out_dir, "density.png"))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    draw(ax)
+    for line in ax.get_lines():
+      line.set_color(_report.color_of(run["method"]))
+    if ax.get_legend() is not None:
+      ax.legend()  # redrawn with the line's colour
+    ax.set_title(f"{title}\n{what}", fontsize=9)
+    fig.tight_layout()
+    pngs.append(os.path.join(out_dir, name))
     fig.savefig(pngs[-1], dpi=90)
     plt.close(fig)
+
+  if args.density:
+    dens = measures.spectral_density(loss, state.params, probe.batch, k3)
+    save_plot("density.png", "Hessian eigenvalue density of the training "
+              "loss (stochastic Lanczos quadrature)",
+              lambda ax: measures.plot_spectral_density(
+                  dens, ax=ax, label=run["method"]))
     out["density"] = {"grid": dens.grid, "density": dens.density}
   if args.landscape:
     sl = measures.landscape_1d(loss, state.params, probe.batch, k4,
                                num_points=41)
-    fig = measures.plot_slice_1d(sl, label=run["method"])
-    fig = getattr(fig, "figure", fig)
-    pngs.append(os.path.join(out_dir, "landscape.png"))
-    fig.savefig(pngs[-1], dpi=90)
-    plt.close(fig)
-    out["landscape"] = {k: v for k, v in sl._asdict().items()}
+    save_plot("landscape.png", "training loss along a random "
+              "filter-normalised direction",
+              lambda ax: measures.plot_slice_1d(sl, ax=ax,
+                                                label=run["method"]))
+    out["landscape"] = dict(sl._asdict())
   out["measure_s"] = time.perf_counter() - t0
   out["versions"] = _report.versions()
   out["device"] = _report.device_info()
-  out = jax.tree.map(lambda x: x.tolist() if hasattr(x, "tolist") else x, out)
   _report.write_json(os.path.join(out_dir, "measure.json"), out)
   _log(f"{run['method']} seed {run['seed']}, step {step}: top Hessian "
        "eigenvalue" + ("s " if args.top_k > 1 else " ")

@@ -276,6 +276,3 @@ register(Method(
                          strength=h["strength"], start_epoch=h["start_epoch"],
                          steps_per_epoch=b.steps_per_epoch),
     "Du et al., Sharpness-Aware Training for Free, NeurIPS 2022"))
-
-# The default of `sharpjax compare --methods`: every registered method.
-DEFAULT_COMPARE = tuple(names())

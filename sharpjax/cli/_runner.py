@@ -73,20 +73,34 @@ class Progress:
 
 @dataclasses.dataclass
 class RunResult:
-  """One (method, seed) run."""
+  """One (method, seed) run: what ``results.json`` keeps of it.
+
+  Attributes:
+    method, seed, hyper: what ran (hyper-parameters resolved).
+    history: one dict per finished epoch (see :class:`Progress`).
+    steps: steps taken.
+    ms_per_step: the fastest epoch's time per step after compilation (None
+      when no epoch was timed).
+    compile_s, wall_s: the first step's time (compilation) and the run's.
+    peak_rss_mib: the process's peak resident memory when the run ended.
+    state_bytes: parameters + model state + optimizer state (None: failed).
+    sharpness, hessian_trace: top Hessian eigenvalue and trace at the end.
+    failed: why the run stopped early (a non-finite loss), else None.
+  """
 
   method: str
   seed: int
   hyper: dict
   history: list
   steps: int
-  ms_per_step: float
+  ms_per_step: Optional[float]
   compile_s: float
   wall_s: float
   peak_rss_mib: float
-  state_bytes: int
+  state_bytes: Optional[int]
   sharpness: Optional[float] = None
   hessian_trace: Optional[float] = None
+  failed: Optional[str] = None
 
   @property
   def final(self) -> dict:
@@ -94,6 +108,11 @@ class RunResult:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "RunResult":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in fields})
 
 
 def peak_rss_mib() -> float:
@@ -389,9 +408,22 @@ def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
   return RunResult(
       method=method, seed=seed, hyper=dict(hyper), history=progress.history,
       steps=progress.step,
-      ms_per_step=float(np.min(ms)) if ms else float("nan"),
+      ms_per_step=float(np.min(ms)) if ms else None,
       compile_s=float(timing["compile_s"]), wall_s=float(timing["wall_s"]),
       peak_rss_mib=peak_rss_mib(),
       state_bytes=tree_bytes((state.params, state.model_state,
                               state.opt_state)),
       sharpness=sharpness, hessian_trace=hessian_trace)
+
+
+def failed_run(method: str, seed: int, hyper: dict, progress: Progress,
+               compile_s: float, wall_s: float, error: Exception) -> RunResult:
+  """The record of a run stopped by ``error``: its epochs so far and why."""
+  why = str(error)
+  if why.startswith(f"{method}: "):  # NonFiniteLoss names the method
+    why = why[len(method) + 2:]
+  return RunResult(
+      method=method, seed=seed, hyper=dict(hyper), history=progress.history,
+      steps=progress.step, ms_per_step=None, compile_s=float(compile_s),
+      wall_s=float(wall_s), peak_rss_mib=peak_rss_mib(), state_bytes=None,
+      failed=why)
