@@ -13,7 +13,7 @@ line (so ``sphinx -W`` fails), and the page shows its TeX source instead.
 
 Display math follows Sphinx's conventions: blank lines separate equations (one
 ``<math>`` element each), a part with ``\\\\`` line breaks and no environment
-of its own is set in an ``aligned`` environment, and numbered equations keep
+of its own is set in a ``split`` environment, and numbered equations keep
 their number and permalink.
 """
 
@@ -56,8 +56,13 @@ def _variant_letter(match: re.Match) -> str:
 def tex_to_mathml(tex: str, display: bool) -> str:
   """One formula as a ``<math>`` element; raises on TeX it cannot parse."""
   tex = tex.strip()
-  if r"\\" in tex and r"\begin" not in tex:
-    tex = r"\begin{aligned}" + tex + r"\end{aligned}"
+  # latex2mathml sets `split` (and `align*`) as a table but not `aligned`,
+  # which is what MathJax users write; line breaks with no environment get
+  # `split`, as Sphinx's MathJax renderer does.
+  tex = tex.replace(r"\begin{aligned}", r"\begin{split}").replace(
+      r"\end{aligned}", r"\end{split}")
+  if r"\\" in tex and not tex.startswith(r"\begin"):
+    tex = r"\begin{split}" + tex + r"\end{split}"
   out = latex2mathml.converter.convert(
       tex, display="block" if display else "inline")
   # `\text{a\_b}`: latex2mathml keeps the backslash in text mode.
@@ -65,6 +70,9 @@ def tex_to_mathml(tex: str, display: bool) -> str:
   out = _VARIANT_MI.sub(_variant_letter, out)
   if "\\" in out:  # a command it did not know, copied through as text
     raise ValueError(f"unconverted TeX left in {out!r}")
+  if ">&<" in out or 'linebreak="newline"' in out:
+    # An alignment or line break outside an environment it sets as a table.
+    raise ValueError(f"unaligned '&' or '\\\\' left in {out!r}")
   return out
 
 

@@ -7,10 +7,13 @@ libraries sharpjax builds on is private: ``jax.Array`` is
 nothing resolved, this extension rewrites the target (and the text, when it
 shows the private path) to the public name and resolves it again through
 this site's own entries and the intersphinx inventories. What stays unknown
-stays plain text.
+stays plain text. It also writes the defaults of Flax modules' dataclass
+fields as they read in the source (``jnp.float32``).
 """
 
 from __future__ import annotations
+
+import re
 
 from docutils import nodes
 from sphinx.ext import intersphinx
@@ -71,8 +74,33 @@ def _missing_reference(app, env, node, contnode):
   return intersphinx.missing_reference(app, env, node, contnode)
 
 
+_CLASS_REPR = re.compile(r"<class '([\w.]+)'>")
+_FLAX_PARENT = re.compile(r",\s*parent=<flax\.linen\.module\._Sentinel object>")
+_SHORT = {"jax.numpy.": "jnp.", "numpy.": "np."}
+
+
+def _class_name(match: re.Match) -> str:
+  name = match.group(1)
+  for prefix, short in _SHORT.items():
+    if name.startswith(prefix):
+      return short + name[len(prefix):]
+  return name
+
+
+def _process_signature(app, what, name, obj, options, signature,
+                       return_annotation):
+  """Defaults that autodoc could not take from the source (the fields of a
+  Flax module's dataclass) as written, not as their repr: ``jnp.float32``
+  instead of ``<class 'jax.numpy.float32'>``; Flax's internal ``parent``
+  sentinel left out."""
+  if signature:
+    signature = _FLAX_PARENT.sub("", _CLASS_REPR.sub(_class_name, signature))
+  return signature, return_annotation
+
+
 def setup(app):
   # Before intersphinx's own handler (priority 500), which would find nothing
   # under the private path.
   app.connect("missing-reference", _missing_reference, priority=400)
+  app.connect("autodoc-process-signature", _process_signature)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
