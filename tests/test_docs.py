@@ -87,17 +87,33 @@ class Site:
                      if p.parent.name in ("api", "methods"))
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-  pytest.importorskip("sphinx")
-  pytest.importorskip("myst_nb")
-  pytest.importorskip("latex2mathml")
-  out = tmp_path_factory.mktemp("html")
+def _build_site(out: pathlib.Path) -> None:
   proc = subprocess.run(
       [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b",
        "html", str(DOCS), str(out)],
       capture_output=True, text=True, cwd=ROOT, env=offline_env())
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+  """The site, built once per test session with warnings as errors and no
+  network; under pytest-xdist the workers share one build."""
+  pytest.importorskip("sphinx")
+  pytest.importorskip("myst_nb")
+  pytest.importorskip("latex2mathml")
+  if os.environ.get("PYTEST_XDIST_WORKER") and os.name == "posix":
+    import fcntl  # pylint: disable=g-import-not-at-top
+    shared = tmp_path_factory.getbasetemp().parent  # common to the workers
+    out, done = shared / "docs-html", shared / "docs-html.ok"
+    with open(shared / "docs-html.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # one worker builds, the others wait
+      if not done.exists():
+        _build_site(out)
+        done.touch()
+    return Site(out)
+  out = tmp_path_factory.mktemp("html")
+  _build_site(out)
   return Site(out)
 
 

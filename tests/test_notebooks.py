@@ -4,7 +4,7 @@ what it shows, and still runs top to bottom with its default settings.
 The documentation renders the stored outputs (it never runs a notebook), so
 a notebook stored unexecuted, or executed out of order, would show a reader
 outputs that no longer follow from its code. Re-execute one after editing it
-(``jupyter nbconvert --to notebook --execute --inplace notebooks/NAME.ipynb``).
+(``jupyter execute --inplace notebooks/NAME.ipynb``, one at a time).
 Executing the four takes about 2, 2, 2.5 and 4 minutes on 2 shared CPU cores.
 """
 
