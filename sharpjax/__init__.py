@@ -40,7 +40,7 @@ from sharpjax._src.saf import saf_bank_bytes
 from sharpjax._src.saf import SAFState
 from sharpjax._src.trajectory import find_trajectory_state
 from sharpjax._src.trajectory import trajectory_penalty
-from sharpjax._src.trajectory import TrajectoryDiagnostics
+from sharpjax._src.trajectory_loss import TrajectoryDiagnostics
 
 # A Renyi-sharpness regularizer (ours, from the RSAM paper's definition).
 from sharpjax._src.renyi import renyi_regularizer

@@ -152,7 +152,7 @@ class AusamTest(parameterized.TestCase):
     want_table = table.copy()
     want_table[ids] = (table[ids] * visits[ids] + change) / (visits[ids] + 1)
     np.testing.assert_allclose(new.scores, want_table, rtol=1e-5)
-    self.assertEqual(int(new.invalid_ids), 0)
+    self.assertEqual(int(new.dropped_ids), 0)
     d = sj.diagnostics(new)
     np.testing.assert_allclose(d["clean_loss"], np_losses(W0, c).mean(),
                                rtol=1e-5)
@@ -220,7 +220,14 @@ class AusamTest(parameterized.TestCase):
     untouched = [1, 2, 4, 5, 6]
     np.testing.assert_array_equal(visits[untouched], 5)
     np.testing.assert_array_equal(scores[untouched], np.asarray(marker)[untouched])
-    self.assertEqual(int(new.invalid_ids), 4)
+    self.assertEqual(int(new.dropped_ids), 4)
+
+  def test_example_axes_name_the_score_table(self):
+    self.assertNotIn("EXAMPLE_AXES", sj.AUSAMState._fields)
+    self.assertEqual(sj.AUSAMState.EXAMPLE_AXES, {"scores": 0, "visits": 0})
+    state = sj.ausam(rho=0.05, num_examples=11).init(helpers.tiny_params())
+    for field, axis in state.EXAMPLE_AXES.items():
+      self.assertEqual(getattr(state, field).shape[axis], 11, field)
 
   def test_table_is_updated_in_place(self):
     # A donated state must not be copied: the compiled step holds no copy of

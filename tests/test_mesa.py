@@ -123,6 +123,37 @@ class MesaTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="exactly one"):
       sj.teacher(optax.sgd(0.1).init({"w": jnp.ones(2)}))
 
+  def test_tracks_model_state_is_a_class_attribute(self):
+    self.assertIs(sj.MESAState.TRACKS_MODEL_STATE, True)
+    self.assertNotIn("TRACKS_MODEL_STATE", sj.MESAState._fields)
+    self.assertFalse(hasattr(sj.SAFState, "TRACKS_MODEL_STATE"))
+
+  @parameterized.named_parameters(
+      ("saf", lambda: sj.saf(num_examples=8, num_classes=C, steps_per_epoch=1,
+                             delay_epochs=1, start_epoch=0)),
+      ("mesa", lambda: sj.mesa(start_epoch=0)),
+  )
+  def test_penalty_takes_ids_and_teacher_fn_together(self, make):
+    """A trainer passes both without knowing the method: each method uses the
+    one it needs and ignores the other (same value as with that one only)."""
+    tx = optax.chain(make(), optax.sgd(0.1))
+    params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(2, C)),
+                               jnp.float32)}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, 2)), jnp.float32)
+    ids = jnp.arange(B)
+    state = tx.init(params)
+    logits0 = x @ params["w"]
+    _, state = tx.update(params, state, params, logits=logits0, ids=ids)
+    logits = 0.5 * logits0
+    teacher_fn = lambda p, _: x @ p["w"] + 1.0
+    both = sj.trajectory_penalty(state, logits, ids, teacher_fn=teacher_fn)
+    if isinstance(sj.find_trajectory_state(state), sj.SAFState):
+      alone = sj.trajectory_penalty(state, logits, ids)
+    else:
+      alone = sj.trajectory_penalty(state, logits, teacher_fn=teacher_fn)
+    self.assertGreater(float(alone), 0.0)
+    np.testing.assert_array_equal(both, alone)
+
   def test_one_trajectory_regularizer_per_chain(self):
     tx = optax.chain(sj.mesa(start_epoch=0),
                      sj.saf(num_examples=8, num_classes=C, steps_per_epoch=1))

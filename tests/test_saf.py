@@ -214,6 +214,17 @@ class SafStateTest(parameterized.TestCase):
                        ids=jnp.arange(B))
     chex.assert_trees_all_equal_shapes_and_dtypes(state, new)
 
+  def test_example_axes_name_the_per_example_tables(self):
+    """The protocol a trainer reads: each field of EXAMPLE_AXES has the
+    examples along the named axis, and the attribute is no pytree field."""
+    self.assertNotIn("EXAMPLE_AXES", sj.SAFState._fields)
+    self.assertEqual(sj.SAFState.EXAMPLE_AXES,
+                     {"logit_bank": 1, "recorded_epoch": 1})
+    state = sj.saf(num_examples=N, num_classes=C, steps_per_epoch=3).init(None)
+    for field, axis in state.EXAMPLE_AXES.items():
+      self.assertEqual(getattr(state, field).shape[axis], N, field)
+    self.assertLen(jax.tree.leaves(state), len(sj.SAFState._fields) + 2)
+
   def test_no_recompilation_across_epoch_boundaries(self):
     tx = optax.chain(sj.saf(num_examples=N, num_classes=C, steps_per_epoch=2,
                             delay_epochs=1, start_epoch=1), optax.sgd(0.1))

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import optax
 
 from sharpjax._src import base
-from sharpjax._src import trajectory
+from sharpjax._src import trajectory_loss
 
 TeacherFn = Callable[[Any, Any], jax.Array]
 
 
+@trajectory_loss.register_trajectory_state
 class MESAState(NamedTuple):
   """State of :func:`mesa`.
 
@@ -26,6 +27,12 @@ class MESAState(NamedTuple):
     decay, temperature, strength: float32 scalars.
     start_epoch, steps_per_epoch: int32 scalars.
     diagnostics: epoch and whether the penalty is on.
+
+  Class attributes (not fields), read by trainers instead of testing the type:
+
+  - ``TRACKS_MODEL_STATE = True``: the teacher keeps an EMA of the model state
+    (e.g. BatchNorm statistics) once :func:`init_teacher_model_state` is
+    called, and then ``update`` wants the ``model_state`` extra argument.
   """
 
   count: jax.Array
@@ -36,7 +43,21 @@ class MESAState(NamedTuple):
   strength: jax.Array
   start_epoch: jax.Array
   steps_per_epoch: jax.Array
-  diagnostics: trajectory.TrajectoryDiagnostics
+  diagnostics: trajectory_loss.TrajectoryDiagnostics
+
+  TRACKS_MODEL_STATE = True
+
+  def trajectory_penalty(
+      self, logits: jax.Array, *, ids=None,
+      teacher_fn: Optional[TeacherFn] = None,
+      teacher_logits: Optional[jax.Array] = None, per_example: bool = False,
+  ) -> jax.Array:
+    """The MESA penalty of :func:`sharpjax.trajectory_penalty`.
+
+    Needs ``teacher_fn`` or ``teacher_logits``; ``ids`` (SAF's) are ignored.
+    """
+    del ids
+    return _penalty(self, logits, teacher_fn, teacher_logits, per_example)
 
 
 def _to_f32(tree):
@@ -123,7 +144,7 @@ def mesa(
         strength=jnp.asarray(strength, jnp.float32),
         start_epoch=jnp.asarray(start_epoch, jnp.int32),
         steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32),
-        diagnostics=trajectory.init_diagnostics(),
+        diagnostics=trajectory_loss.init_diagnostics(),
     )
 
   def update_fn(updates, state, params=None, *, model_state=None,
@@ -145,7 +166,7 @@ def mesa(
         )
       teacher_model_state = jax.tree.map(ema, teacher_model_state,
                                          model_state)
-    epoch = trajectory.epoch_of(state.count, state.steps_per_epoch)
+    epoch = trajectory_loss.epoch_of(state.count, state.steps_per_epoch)
     new_state = state._replace(
         count=optax.safe_increment(state.count),
         teacher_params=jax.tree.map(ema, state.teacher_params, params),
@@ -209,17 +230,15 @@ def teacher(opt_state: Any) -> tuple[Any, Any]:
   return state.teacher_params, state.teacher_model_state
 
 
-def penalty(
+def _penalty(
     state: MESAState,
     logits: jax.Array,
-    *,
-    teacher_fn: Optional[TeacherFn] = None,
-    teacher_logits: Optional[jax.Array] = None,
-    per_example: bool = False,
+    teacher_fn: Optional[TeacherFn],
+    teacher_logits: Optional[jax.Array],
+    per_example: bool,
 ) -> jax.Array:
-  """The MESA penalty of :func:`sharpjax.trajectory_penalty`."""
-  size = trajectory.check_logits(logits, None, "trajectory_penalty")
-  epoch = trajectory.epoch_of(state.count, state.steps_per_epoch)
+  size = trajectory_loss.check_logits(logits, None, "trajectory_penalty")
+  epoch = trajectory_loss.epoch_of(state.count, state.steps_per_epoch)
   active = epoch >= state.start_epoch
   if teacher_logits is None:
     if teacher_fn is None:
@@ -247,7 +266,7 @@ def penalty(
         "sharpjax.trajectory_penalty: teacher_logits have shape "
         f"{jnp.shape(teacher_logits)}, the logits {jnp.shape(logits)}."
     )
-  kl = trajectory.tempered_kl(teacher_logits, logits, state.temperature)
+  kl = trajectory_loss.tempered_kl(teacher_logits, logits, state.temperature)
   valid = jnp.broadcast_to(active, (size,))
-  return trajectory.masked_penalty(kl, valid, state.temperature,
-                                   state.strength, per_example)
+  return trajectory_loss.masked_penalty(kl, valid, state.temperature,
+                                        state.strength, per_example)
