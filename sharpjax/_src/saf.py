@@ -150,9 +150,15 @@ def saf(
   devices, never the bank.
 
   Ids: ``ids`` are dataset indices in ``[0, num_examples)`` that travel with
-  their examples. An out-of-range id neither reads nor writes any row; it is
-  ignored and counted in the diagnostics (``dropped_ids``). If an id appears
-  twice in one batch, both copies read the same target and one of their
+  their examples. An out-of-range id (negative, too large, or beyond int32:
+  checked in its own dtype before any narrowing) neither reads nor writes any
+  row; it is ignored and counted in the diagnostics (``dropped_ids``, a
+  running total). SAF expects each example once per epoch, as
+  :class:`sharpjax.data.DataLoader` yields them. If a sampler repeats an id
+  within an epoch, its first appearance reads the target and writes the
+  record; a later one has no target (the slot it would read now holds this
+  epoch's record) and writes nothing, so the bank keeps the older row. Two
+  copies of an id in one batch both read the same target and one of their
   logits (unspecified which) is stored.
 
   With ``optax.MultiSteps``, the bank is written once per optimizer step with
@@ -261,9 +267,12 @@ def saf(
     old_logits = state.logit_bank.at[slot, rows].get(mode="fill", fill_value=0)
     old_epochs = state.recorded_epoch.at[slot, rows].get(mode="fill",
                                                          fill_value=-1)
-    new_logits = jnp.where(in_range[:, None],
+    # An id already written this epoch (a sampler that repeats it) keeps its
+    # first row: the record of its first appearance.
+    write = in_range & (old_epochs != epoch)
+    new_logits = jnp.where(write[:, None],
                            logits.astype(state.logit_bank.dtype), old_logits)
-    new_epochs = jnp.where(in_range, epoch, old_epochs)
+    new_epochs = jnp.where(write, epoch, old_epochs)
     dropped = jnp.sum(~in_range).astype(jnp.int32)
     new_state = state._replace(
         count=optax.safe_increment(state.count),
