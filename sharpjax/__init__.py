@@ -33,6 +33,7 @@ from sharpjax._src.ssam import SSAMState
 # Trajectory regularizers: SAF (logit bank) and MESA (EMA teacher).
 from sharpjax._src.mesa import init_teacher_model_state
 from sharpjax._src.mesa import mesa
+from sharpjax._src.mesa import mesa_auto_decay
 from sharpjax._src.mesa import MESAState
 from sharpjax._src.mesa import teacher
 from sharpjax._src.saf import saf

@@ -164,6 +164,10 @@ def saf(
   With ``optax.MultiSteps``, the bank is written once per optimizer step with
   the logits of the micro-batch that completes it.
 
+  The penalty is not part of :func:`sharpjax.training.make_trainer`'s
+  ``metrics["loss"]``, which is the task loss alone; it is reported as
+  ``metrics["penalty"]`` (the gradient includes both).
+
   Args:
     num_examples: size of the training set (> 0).
     num_classes: number of classes, the logits' last axis (> 0).
