@@ -188,9 +188,11 @@ def ausam(
   Sampling uses the Gumbel top-k trick. ``transition_steps`` counts steps,
   where the paper counts epochs (30).
 
-  Sample ids: an id outside ``[0, num_examples)`` (negative ones included)
+  Sample ids: an id outside ``[0, num_examples)`` (negative ones included,
+  and ids beyond int32, checked in their own dtype before any narrowing)
   never reads or writes a row of the table; the example is still trained on,
-  sampled as if never seen, and counted in the state's ``dropped_ids``.
+  sampled as if never seen, and counted in the state's ``dropped_ids`` (a
+  running total).
 
   Args:
     rho: radius (>= 0), a number or an optax schedule (the paper's CIFAR runs

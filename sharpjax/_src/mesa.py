@@ -314,6 +314,14 @@ def teacher(opt_state: Any) -> tuple[Any, Any]:
 
   ``teacher_model_state`` is ``()`` unless :func:`init_teacher_model_state`
   was called.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sharpjax as sj
+    >>> tx = optax.chain(sj.mesa(decay=0.5, start_epoch=0), optax.sgd(0.1))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> _, opt_state = tx.update(params, tx.init(params), {"w": jnp.ones(2)})
+    >>> sj.teacher(opt_state)  # 0.5 * 0 + 0.5 * 1
+    ({'w': Array([0.5, 0.5], dtype=float32)}, ())
   """
   state = _only_mesa_state(opt_state, "teacher")
   return state.teacher_params, state.teacher_model_state
