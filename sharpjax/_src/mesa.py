@@ -76,7 +76,7 @@ def mesa_auto_decay(total_steps: int) -> float:
   r"""MESA's EMA decay for a run of ``total_steps``: a horizon of 1/16 of it.
 
   .. math::
-    d = 1 - rac{1}{\max(2,\ T / 16)},
+    d = 1 - \frac{1}{\max(2,\ T / 16)},
 
   so the teacher averages over about :math:`1/(1-d) = T/16` steps, the
   paper's share: its 0.9998 (a 5,000-step horizon) in a 200-epoch CIFAR run of
