@@ -218,8 +218,10 @@ def test_mesa_teacher_runs_in_eval_mode_and_tracks_batch_stats():
   log_p = jax.nn.log_softmax(teacher_logits / temperature)
   log_q = jax.nn.log_softmax(student / temperature)
   kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+  # float32 throughout: the step's fused KL and this one differ by ~1e-5
+  # relative (a train-mode teacher would differ by far more).
   np.testing.assert_allclose(metrics["penalty"],
-                             strength * temperature**2 * kl.mean(), rtol=1e-5)
+                             strength * temperature**2 * kl.mean(), rtol=1e-4)
   assert float(metrics["penalty"]) > 1e-4
   _, new_teacher_stats = sj.teacher(new_state.opt_state)
   _close(new_teacher_stats["batch_stats"],
