@@ -108,6 +108,16 @@ class MSAMTest(parameterized.TestCase):
     self.assertEqual(grouped(hlo("unrolled")), [])
     self.assertNotEqual(grouped(hlo("vmap")), [])
 
+  def test_the_step_holds_the_chunks_passes_only(self):
+    # Per chunk of 4 examples, a clean and a perturbed forward-backward (2
+    # convolutions each on this one-layer model); the caller's clean pass on
+    # the whole batch is dead code (mSAM uses neither its gradient nor value).
+    params, batch = helpers.conv_problem(16)
+    tx = chain(sj.msam(rho=0.1, num_chunks=4))
+    shapes = helpers.compiled_convolutions(tx, params, batch)
+    self.assertEqual(sorted(shapes),
+                     ["f32[2,3,4]"] * 8 + ["f32[4,10,4]"] * 8)
+
   def test_sharded_batch_one_chunk_per_device(self):
     devices = jax.devices()[:8]
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))

@@ -84,8 +84,10 @@ def msam(
   the gradient passed to ``update`` is used only for its structure and dtypes
   (under ``jit`` XLA drops the caller's backward pass when nothing else uses
   it). The diagnostics report the mean of the chunks' clean gradients (the
-  batch gradient), the mean perturbation norms, the mean perturbed loss, and,
-  when ``value=`` is not passed, the clean loss of the chunks.
+  batch gradient), the mean perturbation norms, the mean perturbed loss, and
+  the mean of the chunks' clean losses (the batch's mean loss, computed here):
+  ``value=`` is not used either, so a clean forward pass the caller runs only
+  to pass ``value=`` is dead code too.
 
   Cost: the FLOPs of SAM (two forward-backward passes over the batch). How
   the chunks are looped over decides what the compiler sees:
@@ -182,8 +184,7 @@ def msam(
       ])
     diagnostics = perturbed_lib.diagnostics_of(
         mean["clean_grads"], None, mean["grads"], mean["loss"],
-        clean_loss=mean["clean_loss"] if inputs.value is None
-        else inputs.value,
+        clean_loss=mean["clean_loss"],
         perturbation_norm=mean["eps_norm"],
         applied_perturbation_norm=mean["applied_norm"],
     )
