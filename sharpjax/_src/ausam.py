@@ -247,6 +247,7 @@ def ausam(
     # that of the sample (see the docstring).
     params, loss_fn, batch = inputs.params, inputs.loss_fn, inputs.batch
     has_aux = inputs.has_aux
+    # The state as a NamedTuple (the wrapper keeps count and diagnostics).
     state = AUSAMState(count=inputs.count, diagnostics=None, **inputs.memory)
     fraction = base.static_number("keep", keep, "ausam")
     ids = _batch_ids(batch)
@@ -297,6 +298,8 @@ def ausam(
       target, new_scores, new_visits = jax.lax.all_gather(
           (target, new_scores, new_visits), axis_name, tiled=True
       )
+    # The state this step leads to; the wrapper advances count and stores the
+    # diagnostics, the other fields are the step's memory.
     new_state = AUSAMState(
         count=inputs.count,
         key=new_key,
