@@ -576,3 +576,71 @@ def test_bfloat16_compute_keeps_float32_parameters_and_state(method):
     assert float(metrics["penalty"]) > 0
     np.testing.assert_allclose(metrics["penalty"], ref_metrics["penalty"],
                                rtol=0.25)
+
+
+def _conditionals(trainer, state, batch, full_step):
+  """The number of conditionals in one compiled variant of the step."""
+  placed = trainer.shard_batch(batch)
+  text = trainer._step.lower(state, placed, full_step).compile().as_text()  # pylint: disable=protected-access
+  return text.count("conditional(")
+
+
+def test_looksam_branch_is_chosen_on_the_host():
+  """LookSAM's state declares a host schedule: the trainer keeps the count
+  on the host and runs one of two compiled steps, with no device
+  conditional, giving the same parameters as lax.cond step for step; a
+  state it did not produce (a restored one) is read once."""
+  model = models.MLP(features=(8,), num_classes=NUM_CLASSES)
+  ds = _data(64)
+  loader = data.DataLoader(ds, 16, seed=0)
+  host = training.make_trainer(model, optax.chain(
+      sj.looksam(0.05, k=3), optax.sgd(0.1)))
+  state = host.init(_key(), loader.batch(0, 0))
+  assert _conditionals(host, state, loader.batch(0, 0), True) == 0
+  assert _conditionals(host, state, loader.batch(0, 0), False) == 0
+
+  # The reference: the same transformation stepped by hand with lax.cond.
+  tx = optax.chain(sj.looksam(0.05, k=3), optax.sgd(0.1))
+  params, opt_state = _copy(state.params), tx.init(state.params)
+
+  @jax.jit
+  def cond_step(params, opt_state, batch):
+    def losses(p, b):
+      return _ce(model.apply({"params": p}, b["x"]), b["y"])
+    grads = jax.grad(lambda p: losses(p, batch).mean())(params)
+    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=losses,
+                                   batch=batch)
+    return optax.apply_updates(params, updates), opt_state
+
+  measured = []
+  for k in range(4):
+    batch = loader.batch(0, k)
+    state, metrics = host.step(state, batch)
+    params, opt_state = cond_step(params, opt_state,
+                                  {"x": batch["x"], "y": batch["y"]})
+    measured.append(float(metrics["measured"]))
+    _close(state.params, params)
+  assert measured == [1.0, 0.0, 0.0, 1.0]
+  # A state from elsewhere (here a copy, as a checkpoint restore gives):
+  # its count is read once and the schedule goes on from there.
+  state, metrics = host.step(jax.tree.map(jnp.array, state),
+                             loader.batch(1, 0))
+  assert float(metrics["measured"]) == 0.0  # count 4: not a multiple of 3
+
+
+def test_a_transformation_without_the_trainers_axis_name_is_refused():
+  """Under pmap (and shard_map) a SAM-family transformation built without
+  the trainer's axis_name would average nothing and let the devices drift:
+  init refuses it, naming the fix."""
+  batch = _batch(16)
+  with pytest.raises(ValueError, match="axis_name='batch'"):
+    training.make_trainer(
+        models.MLP(features=(8,), num_classes=NUM_CLASSES),
+        optax.chain(sj.sam(0.05), optax.sgd(0.1)), axis_name="batch",
+        devices=jax.devices()[:2]).init(_key(), batch)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  with pytest.raises(ValueError, match="axis_name='data'"):
+    training.make_trainer(
+        models.MLP(features=(8,), num_classes=NUM_CLASSES),
+        optax.chain(sj.ausam(0.05, num_examples=16), optax.sgd(0.1)),
+        mesh=mesh, per_device_perturbation=True).init(_key(), batch)
