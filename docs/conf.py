@@ -34,6 +34,7 @@ extensions = [
     "myst_nb",  # MyST Markdown pages and notebooks (it loads myst_parser)
     "sharpjax_math",
     "sharpjax_tables",
+    "sharpjax_methods",
     "sharpjax_cli",
     "sharpjax_xref",
 ]

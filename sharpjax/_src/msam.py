@@ -133,6 +133,8 @@ def msam(
     ...                  optax.sgd(0.1, momentum=0.9))
 
   References:
+    Behdin et al., mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization,
+    2022. https://arxiv.org/abs/2212.04343
     Foret et al., Sharpness-Aware Minimization for Efficiently Improving
     Generalization, ICLR 2021. https://arxiv.org/abs/2010.01412
     Andriushchenko and Flammarion, Towards Understanding Sharpness-Aware

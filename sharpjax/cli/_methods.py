@@ -2,8 +2,11 @@
 
 A :class:`Method` knows its hyper-parameters with their defaults and builds
 the sharpjax transformation that goes in front of the base optimizer (None for
-plain SGD). Adding a variant to the command line is one :func:`register` call
-at the bottom of this module.
+plain SGD). Its summary, cost, paper and defaults come from the method's card
+in :mod:`sharpjax._src.registry` (the defaults from the constructor's
+signature), so the command line cannot drift from the library. Adding a
+variant is a card there and one :func:`_register` line at the bottom of this
+module.
 
 Hyper-parameters resolve in this order: the method's default, then a global
 flag (``--rho``, ``--strength``, ...) if the method has that parameter, then a
@@ -34,6 +37,7 @@ from typing import Any, Callable, Mapping, Optional
 import optax
 
 import sharpjax as sj
+from sharpjax._src import registry
 
 AUTO = "auto"
 
@@ -183,96 +187,48 @@ def build(method: Method, hyper: Hyper,
 
 
 # ---------------------------------------------------------------------------
-# The entries. One method, one register() call.
+# The entries: each method's card (sharpjax._src.registry: summary, cost,
+# papers, and the defaults from its constructor's signature), the
+# hyper-parameters the run's budget sets ("auto"), and how to build it.
 # ---------------------------------------------------------------------------
 
-register(Method(
-    "sgd", "plain SGD with momentum: the baseline (1 forward-backward)",
-    {}, lambda h, b: None))
-register(Method(
-    "sam", "SAM: gradient at the worst point in an L2 ball (2 fwd-bwd)",
-    {"rho": 0.05}, lambda h, b: sj.sam(rho=h["rho"]),
-    "Foret et al., Sharpness-Aware Minimization for Efficiently Improving "
-    "Generalization, ICLR 2021"))
-register(Method(
-    "asam", "ASAM: SAM in a weight-scaled ellipsoid (2 fwd-bwd)",
-    {"rho": 0.5, "eta": 0.01}, lambda h, b: sj.asam(rho=h["rho"], eta=h["eta"]),
-    "Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization, ICML 2021"))
-register(Method(
-    "gsam", "GSAM: SAM plus an ascent on the surrogate gap (2 fwd-bwd)",
-    {"rho": 0.05, "alpha": 0.1},
-    lambda h, b: sj.gsam(rho=h["rho"], alpha=h["alpha"]),
-    "Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, "
-    "ICLR 2022"))
-register(Method(
-    "looksam", "LookSAM: a full SAM step every k steps, reuse between "
-    "(~1 + 1/k fwd-bwd)",
-    {"rho": 0.05, "k": 5, "alpha": 0.7},
-    lambda h, b: sj.looksam(rho=h["rho"], k=h["k"], alpha=h["alpha"]),
-    "Liu et al., Towards Efficient and Scalable Sharpness-Aware "
-    "Minimization, CVPR 2022"))
-register(Method(
-    "fsam", "F-SAM: SAM without the full-gradient component (2 fwd-bwd)",
-    {"rho": 0.05, "sigma": 1.0, "lam": 0.95},
-    lambda h, b: sj.fsam(rho=h["rho"], sigma=h["sigma"], lam=h["lam"]),
-    "Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024"))
-register(Method(
-    "msam", "mSAM: SAM on num_chunks micro-batches, averaged (2 fwd-bwd)",
-    {"rho": 0.05, "num_chunks": 8},
-    lambda h, b: sj.msam(rho=h["rho"], num_chunks=h["num_chunks"]),
-    "Behdin et al., mSAM: Micro-Batch-Averaged Sharpness-Aware "
-    "Minimization, 2023"))
-register(Method(
-    "esam", "ESAM: random weight subset + top-gamma data subset "
-    "(~1.5-1.8 fwd-bwd)",
-    {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
-    lambda h, b: sj.esam(rho=h["rho"], beta=h["beta"], gamma=h["gamma"],
-                         seed=b.seed),
-    "Du et al., Efficient Sharpness-aware Minimization for Improved "
-    "Training of Neural Networks, ICLR 2022"))
-register(Method(
-    "ssam", "SSAM: SAM on a Fisher-chosen sparse weight mask (2 fwd-bwd)",
-    {"rho": 0.05, "sparsity": 0.5, "mask": "fisher",
-     "num_fisher_samples": 128, "update_every": AUTO},
-    lambda h, b: sj.ssam(rho=h["rho"], sparsity=h["sparsity"], mask=h["mask"],
-                         num_fisher_samples=h["num_fisher_samples"],
-                         update_every=h["update_every"], seed=b.seed),
-    "Mi et al., Make Sharpness-Aware Minimization Stronger: A Sparsified "
-    "Perturbation Approach, NeurIPS 2022"))
-register(Method(
-    "ausam", "AUSAM: SAM on a score-sampled share of the batch "
-    "(~2*keep fwd-bwd)",
-    {"rho": 0.05, "keep": 0.5, "f_min": 0.1, "f_max": 0.5,
-     "transition_steps": AUTO},
-    lambda h, b: sj.ausam(rho=h["rho"], keep=h["keep"], f_min=h["f_min"],
-                          f_max=h["f_max"],
-                          transition_steps=h["transition_steps"],
-                          num_examples=b.num_examples, seed=b.seed),
-    "Deng et al., Asymptotic Unbiased Sample Sampling to Speed Up "
-    "Sharpness-Aware Minimization, AAAI 2025"))
-register(Method(
-    "sagm", "SAGM: SAM plus gradient matching of the clean and perturbed "
-    "losses (2 fwd-bwd)",
-    {"rho": 0.05, "alpha": 0.001},
-    lambda h, b: sj.sagm(rho=h["rho"], alpha=h["alpha"]),
-    "Wang et al., Sharpness-Aware Gradient Matching for Domain "
-    "Generalization, CVPR 2023"))
-register(Method(
-    "saf", "SAF: KL to each example's logits of delay_epochs ago "
-    "(1 fwd-bwd + a logit bank)",
-    {"strength": 0.3, "temperature": 5.0, "delay_epochs": AUTO,
-     "start_epoch": AUTO},
-    lambda h, b: sj.saf(num_examples=b.num_examples,
-                        num_classes=b.num_classes,
-                        steps_per_epoch=b.steps_per_epoch,
-                        delay_epochs=h["delay_epochs"],
-                        temperature=h["temperature"], strength=h["strength"],
-                        start_epoch=h["start_epoch"]),
-    "Du et al., Sharpness-Aware Training for Free, NeurIPS 2022"))
-register(Method(
-    "mesa", "MESA: KL to an EMA teacher (1 fwd-bwd + 1 teacher forward)",
-    {"strength": 0.8, "temperature": 5.0, "decay": AUTO, "start_epoch": AUTO},
-    lambda h, b: sj.mesa(decay=h["decay"], temperature=h["temperature"],
-                         strength=h["strength"], start_epoch=h["start_epoch"],
-                         steps_per_epoch=b.steps_per_epoch),
-    "Du et al., Sharpness-Aware Training for Free, NeurIPS 2022"))
+
+def _register(name: str, build: Builder, auto: tuple[str, ...] = ()) -> None:
+  card = registry.card(name)
+  defaults = card.defaults()
+  defaults.update({k: AUTO for k in auto})
+  papers = card.papers[:1]
+  register(Method(name, f"{card.summary} ({card.cost})", defaults, build,
+                  papers[0].citation if papers else ""))
+
+
+_register("sgd", lambda h, b: None)
+_register("sam", lambda h, b: sj.sam(rho=h["rho"]))
+_register("asam", lambda h, b: sj.asam(rho=h["rho"], eta=h["eta"]))
+_register("gsam", lambda h, b: sj.gsam(rho=h["rho"], alpha=h["alpha"]))
+_register("looksam",
+          lambda h, b: sj.looksam(rho=h["rho"], k=h["k"], alpha=h["alpha"]))
+_register("fsam",
+          lambda h, b: sj.fsam(rho=h["rho"], sigma=h["sigma"], lam=h["lam"]))
+_register("msam",
+          lambda h, b: sj.msam(rho=h["rho"], num_chunks=h["num_chunks"]))
+_register("esam", lambda h, b: sj.esam(rho=h["rho"], beta=h["beta"],
+                                       gamma=h["gamma"], seed=b.seed))
+_register("ssam", lambda h, b: sj.ssam(
+    rho=h["rho"], sparsity=h["sparsity"], mask=h["mask"],
+    num_fisher_samples=h["num_fisher_samples"],
+    update_every=h["update_every"], seed=b.seed), auto=("update_every",))
+_register("ausam", lambda h, b: sj.ausam(
+    rho=h["rho"], keep=h["keep"], f_min=h["f_min"], f_max=h["f_max"],
+    transition_steps=h["transition_steps"], num_examples=b.num_examples,
+    seed=b.seed), auto=("transition_steps",))
+_register("sagm", lambda h, b: sj.sagm(rho=h["rho"], alpha=h["alpha"]))
+_register("saf", lambda h, b: sj.saf(
+    num_examples=b.num_examples, num_classes=b.num_classes,
+    steps_per_epoch=b.steps_per_epoch, delay_epochs=h["delay_epochs"],
+    temperature=h["temperature"], strength=h["strength"],
+    start_epoch=h["start_epoch"]), auto=("delay_epochs", "start_epoch"))
+_register("mesa", lambda h, b: sj.mesa(
+    decay=h["decay"], temperature=h["temperature"], strength=h["strength"],
+    start_epoch=h["start_epoch"], steps_per_epoch=b.steps_per_epoch),
+          auto=("decay", "start_epoch"))
