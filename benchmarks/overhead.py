@@ -7,12 +7,21 @@ times, the methods interleaved within each repeat so that drift of the machine
 hits all of them alike; the figure kept is the minimum time per step, and the
 ratio is to SGD with the same number of classes from the same run.
 
-Writes ``benchmarks/results/overhead.json`` and ``overhead.md`` (with
-``--model resnet18``, ResNet-18 with BatchNorm on 32x32x3 batches of 128:
-``overhead-resnet18.*``), and prints the markdown table.
+With ``--trainer`` every method runs through
+:func:`sharpjax.training.make_trainer` (what the command line and most users
+run), batches already on the device, and a hand-written SGD step is timed
+beside the trainer's SGD step so the trainer's own cost shows.
+
+Writes one results file per device kind / model / dtype / step kind under
+``benchmarks/results/``: ``overhead.{json,md}`` for the CNN1D on the CPU in
+float32 (hand-written steps), ``overhead-resnet18.*`` for ResNet-18 with
+BatchNorm on 32x32x3 batches of 128, and e.g.
+``overhead-wrn28-10-bfloat16-trainer-nvidia-h200.*`` otherwise; prints the
+markdown table.
 
     python benchmarks/overhead.py                 # every method
     python benchmarks/overhead.py --methods sgd sam --steps 50
+    python benchmarks/overhead.py --model wrn28-10 --dtype bfloat16 --trainer
 """
 
 from __future__ import annotations
@@ -43,21 +52,28 @@ BATCH, LENGTH = 128, 40
 LR = 0.05
 
 
-def _cnn1d(num_classes):
+def _cnn1d(num_classes, dtype):
   # The MNIST-1D convolutional baseline (5,210 parameters), [B, 40, 1] signals.
-  return models.CNN1D(num_classes=num_classes), (LENGTH, 1)
+  return models.CNN1D(num_classes=num_classes, dtype=dtype), (LENGTH, 1)
 
 
-def _resnet18(num_classes):
+def _resnet18(num_classes, dtype):
   # CIFAR ResNet-18 (11.2M parameters), on 32x32x3 images.
-  return models.ResNet18(num_classes=num_classes), (32, 32, 3)
+  return models.ResNet18(num_classes=num_classes, dtype=dtype), (32, 32, 3)
 
 
-# name -> (builder: num_classes -> (model, input shape), table description)
+def _wrn28_10(num_classes, dtype):
+  # WideResNet-28-10 (36.5M parameters), on 32x32x3 images.
+  return models.WideResNet(num_classes=num_classes, dtype=dtype), (32, 32, 3)
+
+
+# name -> (builder: (num_classes, dtype) -> (model, input shape), description)
 MODELS = {
     "cnn1d": (_cnn1d, "CNN1D (3x conv 25, MNIST-1D 40x1)"),
     "resnet18": (_resnet18, "ResNet-18 (BatchNorm, 32x32x3)"),
+    "wrn28-10": (_wrn28_10, "WideResNet-28-10 (BatchNorm, 32x32x3)"),
 }
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +99,8 @@ class Method:
   note: str = ""
   # Why the row is not timed on a ResNet on XLA:CPU ("" = it is).
   resnet_cpu_skip: str = ""
+  # Why the row cannot run through make_trainer ("" = it can).
+  trainer_skip: str = ""
 
 
 def _sgd():
@@ -145,10 +163,15 @@ METHODS = [
     Method("ausam", lambda: optax.chain(
         sj.ausam(rho=0.05, keep=0.5, num_examples=4000), _sgd()),
            num_examples=4000, note="keep 0.5"),
-    Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque"),
+    Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque",
+           trainer_skip="needs grad_fn=, which make_trainer does not pass"),
     Method("optax.contrib.sam (transparent)", _contrib_sam_transparent,
-           kind="contrib_transparent", note="two update calls in one jit"),
+           kind="contrib_transparent", note="two update calls in one jit",
+           trainer_skip="two update calls per step"),
 ]
+# Trainer mode times the hand-written SGD step beside the trainer's.
+HAND_WRITTEN_SGD = Method("sgd (hand-written step)", _sgd, kind="plain",
+                          note="jit of grad + update, no trainer")
 
 
 def per_example_ce(logits, labels):
@@ -245,56 +268,73 @@ def make_step(model: nn.Module, tx, kind: str):
 
 
 def make_batch(num_classes: int, num_examples: int, input_shape=(40, 1),
-               seed: int = 0):
-  """One synthetic batch (timing does not depend on the data's values)."""
+               seed: int = 0, batch_size: int = BATCH):
+  """One synthetic batch on the device (timing does not depend on values)."""
   rng = np.random.default_rng(seed)
   return {
-      "x": jnp.asarray(rng.normal(size=(BATCH, *input_shape)), jnp.float32),
-      "y": jnp.asarray(rng.integers(0, num_classes, BATCH), jnp.int32),
-      "ids": jnp.asarray(rng.choice(num_examples, BATCH, replace=False),
+      "x": jnp.asarray(rng.normal(size=(batch_size, *input_shape)),
+                       jnp.float32),
+      "y": jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32),
+      "ids": jnp.asarray(rng.choice(num_examples, batch_size, replace=False),
                          jnp.int32),
   }
 
 
 @dataclasses.dataclass
 class Runner:
+  """A method's step and its state: ``step(state, batch) -> state``."""
+
   method: Method
   step: Callable
-  params: Any
-  opt_state: Any
+  state: Any
   batch: dict
   times: list[float] = dataclasses.field(default_factory=list)
   temp_bytes: int | None = None
 
   def run(self, num_steps: int) -> float:
-    carry, opt_state = self.params, self.opt_state
+    state = self.state
     start = time.perf_counter()
     for _ in range(num_steps):
-      carry, opt_state = self.step(carry, opt_state, self.batch)
-    jax.block_until_ready((carry, opt_state))
+      state = self.step(state, self.batch)
+    jax.block_until_ready(state)
     elapsed = (time.perf_counter() - start) / num_steps
-    self.params, self.opt_state = carry, opt_state
+    self.state = state
     return elapsed
 
 
-def build(method: Method, warmup: int, model_name: str = "cnn1d") -> Runner:
-  model, input_shape = MODELS[model_name][0](method.num_classes)
-  batch = make_batch(method.num_classes, method.num_examples, input_shape)
-  variables = dict(model.init(jax.random.PRNGKey(0), batch["x"], train=False))
-  params = variables.pop("params")
-  tx = method.make_tx()
-  # Copy: some states alias the parameters (contrib.sam's cache), and both
-  # are donated.
-  opt_state = jax.tree.map(jnp.copy, tx.init(params))
-  carry = (params, variables)
-  step = make_step(model, tx, method.kind)
-  compiled = step.lower(carry, opt_state, batch).compile()
-  temp = None
+def _temp_bytes(compiled) -> int | None:
   try:
-    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    return int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # memory analysis is not available on every backend
-    pass
-  runner = Runner(method, step, carry, opt_state, batch, temp_bytes=temp)
+    return None
+
+
+def build(method: Method, warmup: int, model_name: str = "cnn1d",
+          dtype: str = "float32", trainer: bool = False,
+          batch_size: int = BATCH) -> Runner:
+  model, input_shape = MODELS[model_name][0](method.num_classes,
+                                             DTYPES[dtype])
+  batch = make_batch(method.num_classes, method.num_examples, input_shape,
+                     batch_size=batch_size)
+  tx = method.make_tx()
+  if trainer and method is not HAND_WRITTEN_SGD:
+    from sharpjax import training  # pylint: disable=g-import-not-at-top
+    t = training.make_trainer(model, tx)
+    state = t.init(jax.random.PRNGKey(0), batch)
+    step = lambda s, b: t.step(s, b)[0]
+    temp = None
+  else:
+    variables = dict(model.init(jax.random.PRNGKey(0), batch["x"],
+                                train=False))
+    params = variables.pop("params")
+    # Copy: some states alias the parameters (contrib.sam's cache), and both
+    # are donated.
+    opt_state = jax.tree.map(jnp.copy, tx.init(params))
+    jitted = make_step(model, tx, method.kind)
+    state = ((params, variables), opt_state)
+    temp = _temp_bytes(jitted.lower(*state, batch).compile())
+    step = lambda s, b: jitted(*s, b)
+  runner = Runner(method, step, state, batch, temp_bytes=temp)
   if warmup:
     runner.run(warmup)
   return runner
@@ -305,15 +345,23 @@ def main(argv=None):
   parser.add_argument("--methods", nargs="*", default=None,
                       help="row names to run (default: all); SGD is always run")
   parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--batch", type=int, default=BATCH,
+                      help=f"batch size (default {BATCH}; smaller only for "
+                      "smoke runs)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=10)
   parser.add_argument("--model", choices=sorted(MODELS), default="cnn1d",
-                      help="cnn1d (default; results in overhead.*) or "
-                      "resnet18 on 32x32x3 batches (overhead-resnet18.*)")
+                      help="cnn1d (default), resnet18 or wrn28-10 (32x32x3)")
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                      help="computation dtype of the model (parameters stay "
+                      "float32)")
+  parser.add_argument("--trainer", action="store_true",
+                      help="every method through sharpjax.training."
+                      "make_trainer, beside a hand-written SGD step")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args(argv)
-  if args.steps < 1 or args.repeats < 1:
-    parser.error("--steps and --repeats must be >= 1")
+  if args.steps < 1 or args.repeats < 1 or args.batch < 1:
+    parser.error("--steps, --repeats and --batch must be >= 1")
   if args.warmup < 0:
     parser.error("--warmup must be >= 0")
 
@@ -330,16 +378,21 @@ def main(argv=None):
       w: Method("sgd" if w == 10 else f"sgd ({w} classes)", _sgd, kind="plain",
                 num_classes=w) for w in widths}
   rows = list(baselines.values()) + [m for m in methods if m.name != "sgd"]
+  if args.trainer:
+    rows.insert(1, HAND_WRITTEN_SGD)
   skipped = []
   if args.model != "cnn1d" and jax.default_backend() == "cpu":
-    skipped = [m for m in rows if m.resnet_cpu_skip]
-    rows = [m for m in rows if not m.resnet_cpu_skip]
+    skipped = [(m, m.resnet_cpu_skip) for m in rows if m.resnet_cpu_skip]
+  if args.trainer:
+    skipped += [(m, m.trainer_skip) for m in rows if m.trainer_skip]
+  rows = [m for m in rows if m not in {s for s, _ in skipped}]
 
   print(f"compiling {len(rows)} steps...", file=sys.stderr)
   runners = []
   for m in rows:
     start = time.perf_counter()
-    runners.append(build(m, args.warmup, args.model))
+    runners.append(build(m, args.warmup, args.model, args.dtype, args.trainer,
+                         args.batch))
     print(f"  {m.name}: compiled and warmed up in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
   for r in range(args.repeats):
@@ -358,34 +411,59 @@ def main(argv=None):
         ratio_to_sgd=best[m.name] / baseline,
         all_ms=[1e3 * t for t in runner.times],
         temp_bytes=runner.temp_bytes, note=m.note))
-  for m in skipped:
+  for m, why in skipped:
     results.append(dict(
         method=m.name, num_classes=m.num_classes, ms_per_step=None,
-        ratio_to_sgd=None, all_ms=[], temp_bytes=None,
-        note=m.resnet_cpu_skip))
+        ratio_to_sgd=None, all_ms=[], temp_bytes=None, note=why))
 
   meta = dict(
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       commit=git_commit(), jax=jax.__version__, optax=optax.__version__,
       device=str(jax.devices()[0].device_kind), platform=platform.platform(),
-      cpu_count=os.cpu_count(), batch=BATCH, steps=args.steps,
-      repeats=args.repeats, model=MODELS[args.model][1])
+      cpu_count=os.cpu_count(), batch=args.batch, steps=args.steps,
+      repeats=args.repeats, model=MODELS[args.model][1], dtype=args.dtype,
+      step_kind="make_trainer" if args.trainer else "hand-written",
+      backend=jax.default_backend())
   table = markdown(results, meta)
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)
-  stem = "overhead" if args.model == "cnn1d" else f"overhead-{args.model}"
+  stem = results_stem(args.model, args.dtype, args.trainer,
+                      meta["backend"], meta["device"])
   (args.out / f"{stem}.json").write_text(
       json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
   (args.out / f"{stem}.md").write_text(table + "\n")
 
 
+def results_stem(model: str, dtype: str, trainer: bool, backend: str,
+                 device: str) -> str:
+  """The results file name: one per model / dtype / step kind / device kind.
+
+  The float32 hand-written CPU tables keep their names (``overhead``,
+  ``overhead-resnet18``).
+  """
+  parts = ["overhead"]
+  if model != "cnn1d":
+    parts.append(model)
+  if dtype != "float32":
+    parts.append(dtype)
+  if trainer:
+    parts.append("trainer")
+  if backend != "cpu":
+    parts.append("".join(c if c.isalnum() else "-"
+                         for c in device.lower()).strip("-"))
+  return "-".join(parts)
+
+
 def markdown(results, meta) -> str:
+  where = (f"{meta['device']} ({meta['cpu_count']} cores)"
+           if meta.get("backend", "cpu") == "cpu" else meta["device"])
   lines = [
       f"Per-step time, min of {meta['repeats']} repeats of {meta['steps']} "
-      f"steps after compilation; {meta['model']}, batch {meta['batch']}; "
-      f"{meta['device']} ({meta['cpu_count']} cores), jax {meta['jax']}, "
-      f"commit {meta['commit']}, {meta['date']}.",
+      f"steps after compilation; {meta['model']}, batch {meta['batch']}, "
+      f"{meta.get('dtype', 'float32')} compute, "
+      f"{meta.get('step_kind', 'hand-written')} steps; {where}, "
+      f"jax {meta['jax']}, commit {meta['commit']}, {meta['date']}.",
       "",
       "| method | classes | ms / step | ratio to SGD | XLA temp MiB | note |",
       "|---|---:|---:|---:|---:|---|",

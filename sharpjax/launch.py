@@ -22,7 +22,7 @@ stopped and the launcher exits with the failing process's status; an overall
 The rest of the program is the same on one process or many: a
 ``jax.sharding.Mesh`` over ``jax.devices()`` (every process's devices),
 :func:`sharpjax.training.make_trainer` with ``mesh=`` (and
-``shard_saf_bank=True`` so that no host holds the whole SAF bank), a
+``shard_example_tables=True`` so that no host holds the whole SAF bank), a
 :class:`sharpjax.data.DataLoader` built identically on every process with
 ``num_shards=jax.process_count(), shard_index=jax.process_index()`` (each
 process loads only its rows of every global batch, ids included), and

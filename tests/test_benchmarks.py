@@ -43,6 +43,41 @@ def test_overhead_writes_a_ratio_for_every_method_asked(tmp_path):
   assert "| sam | 10 |" in (tmp_path / "overhead.md").read_text()
 
 
+def test_overhead_through_the_trainer_times_a_hand_written_sgd_beside_it(
+    tmp_path):
+  run_script("overhead.py", "--trainer", "--methods", "sam", "saf",
+             "optax.contrib.sam (opaque)", "--steps", "1", "--repeats", "1",
+             "--warmup", "0", "--batch", "16", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "overhead-trainer.json").read_text())
+  rows = {r["method"]: r for r in result["results"]}
+  assert set(rows) == {"sgd", "sgd (hand-written step)", "sam", "saf",
+                       "optax.contrib.sam (opaque)"}
+  assert rows["sam"]["ms_per_step"] > 0
+  assert rows["optax.contrib.sam (opaque)"]["ms_per_step"] is None
+  assert "grad_fn" in rows["optax.contrib.sam (opaque)"]["note"]
+  assert result["meta"]["step_kind"] == "make_trainer"
+  assert result["meta"]["batch"] == 16
+
+
+def test_overhead_runs_a_wide_resnet_in_bfloat16(tmp_path):
+  run_script("overhead.py", "--model", "wrn28-10", "--dtype", "bfloat16",
+             "--methods", "sgd", "--steps", "1", "--repeats", "1",
+             "--warmup", "0", "--batch", "2", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "overhead-wrn28-10-bfloat16.json")
+                      .read_text())
+  assert result["meta"]["dtype"] == "bfloat16"
+  assert "WideResNet-28-10" in result["meta"]["model"]
+  assert result["results"][0]["ms_per_step"] > 0
+
+
+def test_overhead_writes_one_file_per_device_kind_model_and_dtype():
+  stem = import_script("overhead").results_stem
+  assert stem("cnn1d", "float32", False, "cpu", "cpu") == "overhead"
+  assert stem("resnet18", "float32", False, "cpu", "cpu") == "overhead-resnet18"
+  assert (stem("wrn28-10", "bfloat16", True, "gpu", "NVIDIA H200")
+          == "overhead-wrn28-10-bfloat16-trainer-nvidia-h200")
+
+
 def test_overhead_rejects_an_unknown_method(tmp_path):
   proc = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--methods",

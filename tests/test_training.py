@@ -5,6 +5,8 @@ where the test does not need threefry: XLA:CPU compiles threefry random
 numbers slowly.
 """
 
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -248,12 +250,70 @@ def test_bad_batches_raise_before_the_state_changes():
   bad[3] = NUM_CLASSES
   with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
     trainer.step(state, {**batch, "y": bad})
-  with pytest.raises(ValueError, match="labels must be in"):
-    trainer.step(state, {**batch, "y": jnp.asarray(-bad)})
   with pytest.raises(ValueError, match="leading batch axis"):
     trainer.step(state, {**batch, "ids": batch["ids"][:4]})
   assert int(state.step) == step0
   _assert_untouched(state, trainer, batch)
+
+
+def test_bad_labels_on_the_device_end_the_run_with_a_clear_error():
+  """A device batch is not read back before its step: its label range is
+  checked inside the step and raised by a later call or by check()."""
+  trainer = training.make_trainer(TinyBN(), optax.sgd(0.1))
+  batch = _batch()
+  bad = batch["y"].copy()
+  bad[3] = -2
+  device_bad = jax.device_put({**batch, "y": bad})
+  state = trainer.init(_key(), batch)
+  state, _ = trainer.step(state, device_bad)  # dispatched, not checked yet
+  jax.block_until_ready(state)
+  message = r"labels must be in \[0, 5\), got values in \[-2, 4\].*step call 1"
+  with pytest.raises(ValueError, match=message):
+    trainer.step(state, batch)  # the earlier check is ready: raised now
+  state, _ = trainer.step(state, device_bad)
+  with pytest.raises(ValueError, match=message.replace("1", "3")):
+    trainer.check()  # waits for the pending check
+  trainer.check()  # nothing left
+  # Good device labels pass; eval_step checks them the same way.
+  state, _ = trainer.step(state, jax.device_put(batch))
+  trainer.eval_step(state, device_bad)
+  with pytest.raises(ValueError, match="eval_step"):
+    trainer.check()
+
+
+class _Wide(nn.Module):
+  """Dense layers big enough that one step takes many milliseconds."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    for _ in range(3):
+      x = nn.relu(nn.Dense(1024)(x))
+    return nn.Dense(NUM_CLASSES)(x)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_step_keeps_asynchronous_dispatch(on_device):
+  """Issuing steps takes a small part of running them: no step waits for
+  the device (a per-step read-back made issuing take ~90% of the run)."""
+  trainer = training.make_trainer(_Wide(), optax.sgd(1e-3))
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(256, 1024)).astype(np.float32),
+           "y": rng.integers(0, NUM_CLASSES, 256).astype(np.int32)}
+  if on_device:
+    batch = jax.device_put(batch)
+  state = trainer.init(_key(), batch)
+  state, _ = trainer.step(state, batch)  # compile
+  jax.block_until_ready(state)
+  ratios = []
+  for _ in range(2):
+    start = time.perf_counter()
+    for _ in range(6):
+      state, metrics = trainer.step(state, batch)
+    issued = time.perf_counter() - start
+    jax.block_until_ready((state, metrics))
+    ratios.append(issued / (time.perf_counter() - start))
+  trainer.check()
+  assert min(ratios) < 0.5, ratios
 
 
 def test_batch_not_divisible_by_the_devices():
@@ -313,14 +373,18 @@ def test_mesh_of_8_devices_matches_one_device():
   # The bank sharded by example over the devices: same result.
   by_example, _ = _run(training.make_trainer(
       model, _saf_sam_chain(len(ds), len(loader)), mesh=mesh,
-      shard_saf_bank=True), loader, 2, key)
+      shard_example_tables=True), loader, 2, key)
   bank = sj.find_trajectory_state(by_example.opt_state).logit_bank
   assert bank.sharding.spec == jax.sharding.PartitionSpec(None, "data")
   _close(bank, sj.find_trajectory_state(single.opt_state).logit_bank)
   _close(by_example.params, single.params)
   with pytest.raises(ValueError, match="num_examples=64"):
     training.make_trainer(model, _saf_sam_chain(60, len(loader)), mesh=mesh,
-                          shard_saf_bank=True).init(key, loader.batch(0, 0))
+                          shard_example_tables=True).init(key,
+                                                          loader.batch(0, 0))
+  with pytest.warns(DeprecationWarning, match="shard_example_tables"):
+    training.make_trainer(model, _saf_sam_chain(64, len(loader)), mesh=mesh,
+                          shard_saf_bank=True)
 
 
 def test_pmap_matches_the_mesh():
@@ -353,15 +417,26 @@ def test_pmap_matches_the_mesh():
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
 
 
-def test_pmap_per_device_perturbation_is_m_sharpness():
+@pytest.mark.parametrize("placement", ["pmap", "mesh"])
+def test_per_device_perturbation_is_m_sharpness(placement):
+  """Each device perturbs with its own shard's gradient: under pmap, and
+  under a mesh through shard_map (m-sharpness at no extra cost)."""
   model = models.MLP(features=(8,), num_classes=NUM_CLASSES)
   rho, lr, n = 0.2, 0.1, 4
-  trainer = training.make_trainer(
-      model, optax.chain(sj.sam(rho, axis_name="i"), optax.sgd(lr)),
-      axis_name="i", devices=jax.devices()[:n], per_device_perturbation=True)
+  tx = optax.chain(sj.sam(rho, axis_name="i"), optax.sgd(lr))
+  if placement == "pmap":
+    trainer = training.make_trainer(model, tx, axis_name="i",
+                                    devices=jax.devices()[:n],
+                                    per_device_perturbation=True)
+    local = training.unreplicate
+  else:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("i",))
+    trainer = training.make_trainer(model, tx, mesh=mesh, data_axis="i",
+                                    per_device_perturbation=True)
+    local = _copy
   batch = _batch(16)
   state = trainer.init(_key(), batch)
-  p0 = training.unreplicate(state.params)
+  p0 = local(state.params)
   state, _ = trainer.step(state, batch)
 
   def loss(p, x, y):
@@ -377,8 +452,7 @@ def test_pmap_per_device_perturbation_is_m_sharpness():
   grads = [perturbed_grad(p0, batch["x"][4 * k:4 * k + 4],
                           batch["y"][4 * k:4 * k + 4]) for k in range(n)]
   g2 = jax.tree.map(lambda *gs: sum(gs) / n, *grads)
-  _close(training.unreplicate(state.params),
-         jax.tree.map(lambda w, d: w - lr * d, p0, g2))
+  _close(local(state.params), jax.tree.map(lambda w, d: w - lr * d, p0, g2))
 
 
 def test_eval_step_uses_running_averages():
@@ -459,3 +533,42 @@ def test_sam_variants_that_slice_the_batch_keep_the_clean_batch_stats():
     new_state, metrics = trainer.step(state, batch)
     _close(new_state.model_state["batch_stats"], reference, tol=1e-6)
     assert np.isfinite(float(metrics["perturbed_loss"])), name
+
+
+@pytest.mark.parametrize("method", ["sam", "saf", "mesa"])
+def test_bfloat16_compute_keeps_float32_parameters_and_state(method):
+  """Mixed precision as accelerator users run it: the zoo's dtype=bfloat16
+  computes in bfloat16 while parameters, optimizer state, the SAF bank and the
+  loss stay float32, and the result tracks the float32 run."""
+  ds = data.make_synthetic(64, input_shape=(40, 1), num_classes=10, seed=0)
+  loader = data.DataLoader(ds, 16, seed=0)
+  chains = {
+      "sam": lambda: sj.sam(0.05),
+      "saf": lambda: sj.saf(len(ds), 10, len(loader), start_epoch=1,
+                            delay_epochs=1),
+      "mesa": lambda: sj.mesa(0.9, start_epoch=1,
+                              steps_per_epoch=len(loader)),
+  }
+  results = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = models.CNN1D(channels=8, dtype=dtype)
+    trainer = training.make_trainer(
+        model, optax.chain(chains[method](), optax.sgd(0.1, momentum=0.9)))
+    state = trainer.init(_key(), loader.batch(0, 0))
+    for epoch in range(3):
+      for batch in loader.epoch(epoch):
+        state, metrics = trainer.step(state, batch)
+    trainer.check()
+    results[dtype] = (state, metrics)
+  state, metrics = results[jnp.bfloat16]
+  floats = [x for x in jax.tree.leaves((state.params, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)
+  assert metrics["loss"].dtype == jnp.float32
+  ref_state, ref_metrics = results[jnp.float32]
+  assert np.isfinite(float(metrics["loss"]))
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=0.1)
+  if method != "sam":
+    assert float(metrics["penalty"]) > 0
+    np.testing.assert_allclose(metrics["penalty"], ref_metrics["penalty"],
+                               rtol=0.25)

@@ -42,6 +42,8 @@ class AUSAMState(NamedTuple):
   invalid_ids: jax.Array
   diagnostics: perturbed_lib.Diagnostics
 
+  EXAMPLE_AXES = {"scores": 0, "visits": 0}
+
 
 def upper_frequency(count, f_min, f_max, transition_steps) -> jax.Array:
   r"""The schedule :math:`f_{\max}(t)`: from ``f_min`` at step 0 to ``f_max``.

@@ -38,9 +38,17 @@ class MESAState(NamedTuple):
   steps_per_epoch: jax.Array
   diagnostics: trajectory.TrajectoryDiagnostics
 
+  TRACKS_MODEL_STATE = True
+
+  def with_model_state(self, model_state: Any) -> "MESAState":
+    """This state with its teacher tracking ``model_state`` (a float32 copy)."""
+    return self._replace(teacher_model_state=_to_f32(model_state))
+
 
 def _to_f32(tree):
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  # A copy even for float32 leaves: the teacher must not share buffers with
+  # the student, or a step that donates both fails.
+  return jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)
 
 
 def mesa(
@@ -195,7 +203,7 @@ def init_teacher_model_state(opt_state: Any, model_state: Any) -> Any:
   """
   _only_mesa_state(opt_state, "init_teacher_model_state")
   return _replace_mesa_state(
-      opt_state, lambda s: s._replace(teacher_model_state=_to_f32(model_state))
+      opt_state, lambda s: s.with_model_state(model_state)
   )
 
 

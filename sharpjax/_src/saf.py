@@ -48,6 +48,8 @@ class SAFState(NamedTuple):
   steps_per_epoch: jax.Array
   diagnostics: trajectory.TrajectoryDiagnostics
 
+  EXAMPLE_AXES = {"logit_bank": 1, "recorded_epoch": 1}
+
 
 def saf_bank_bytes(
     num_examples: int,

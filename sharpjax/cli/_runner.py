@@ -208,17 +208,12 @@ class MethodRunner:
     method.
     """
     params, model_state, rng = self.env.initial_params(seed)
-    opt_state = self.tx.init(params)
-    traj = sj.find_trajectory_state(opt_state)
-    float_state = training._teacher_part(model_state)  # pylint: disable=protected-access
-    if isinstance(traj, sj.MESAState) and float_state:
-      opt_state = sj.init_teacher_model_state(opt_state, float_state)
-    # Eager tx.init may alias the parameters (MESA's float32 teacher of
-    # float32 weights); the step donates its state, so every leaf is copied.
+    state = training.state_from_params(self.tx, params, model_state, rng)
+    # Eager tx.init may alias the parameters; the step donates its state, so
+    # every leaf is copied.
     opt_state = jax.tree.map(lambda x: jnp.array(x, copy=True),
-                             _reseed(opt_state, seed))
-    return training.TrainState(jnp.zeros([], jnp.int32), params, model_state,
-                               opt_state, rng)
+                             _reseed(state.opt_state, seed))
+    return state._replace(opt_state=opt_state)
 
   def evaluate(self, state) -> dict:
     return self.env.evaluate(state.params, state.model_state)
