@@ -184,6 +184,19 @@ def test_iterator_state_in_the_train_state_checkpoint(tmp_path):
   assert len(got) == len(want) == 7
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
+  # Prefetched to the devices, the grain iterator runs ahead of the loop;
+  # the prefetcher's state is that of the batches it has yielded.
+  ahead = data.prefetch_to_device(loader.batches(0, 12), jax.device_put,
+                                  size=3)
+  taken = [np.asarray(next(ahead)["ids"]) for _ in range(4)]
+  other = str(tmp_path / "other")
+  launch.save_state(other, 4, {"w": jnp.arange(3.0)}, {"step": 4},
+                    data_iterator=ahead)
+  fresh = loader.batches(0, 12)
+  launch.restore_state(other, {"w": jnp.zeros(3)}, data_iterator=fresh)
+  everything = [b["ids"] for b in loader.batches(0, 12)]
+  for a, b in zip(taken + [b["ids"] for b in fresh], everything):
+    np.testing.assert_array_equal(a, b)
   with pytest.raises(FileNotFoundError, match="no data iterator state"):
     launch.restore_state(ckpt, {"w": jnp.zeros(3)}, step=6,
                          data_iterator=loader.batches(0, 12))

@@ -168,6 +168,28 @@ def _data_as_keys(tree: Any, template: Any) -> Any:
                     if _is_typed_key(t) else x), tree, template)
 
 
+def _StateOf(base_class, holder):  # pylint: disable=invalid-name
+  """A grain ``DatasetIterator`` whose state is ``holder.get_state()``.
+
+  What grain's checkpoint handler writes for an iterator that is not one of
+  grain's, e.g. :func:`sharpjax.data.prefetch_to_device`'s, whose position
+  is behind its source's.
+  """
+
+  class StateOf(base_class):
+
+    def __next__(self):
+      raise StopIteration
+
+    def get_state(self):
+      return holder.get_state()
+
+    def set_state(self, state):
+      holder.set_state(state)
+
+  return StateOf()
+
+
 def _data_item(iterator: Any, save: bool) -> dict:
   """``{"data": grain's orbax args}`` for a grain iterator, ``{}`` for None."""
   if iterator is None:
@@ -177,7 +199,10 @@ def _data_item(iterator: Any, save: bool) -> dict:
   except ImportError as e:
     raise ImportError("data_iterator= is a grain iterator: pip install "
                       "'sharpjax[grain]'.") from e
+  import grain  # pylint: disable=g-import-not-at-top
   if save:
+    if not isinstance(iterator, grain.DatasetIterator):
+      iterator = _StateOf(grain.DatasetIterator, iterator)
     return {"data": grain_checkpoint.CheckpointSave(iterator)}
   return {"data": grain_checkpoint.CheckpointRestore(iterator)}
 
@@ -206,7 +231,9 @@ def save_state(directory: str, step: int, state: Any,
       ``{"epoch": e, "batch": b}``.
     keep: how many of the latest checkpoints to keep (None: all).
     data_iterator: a grain iterator (e.g.
-      :meth:`sharpjax.data.GrainLoader.batches`) whose state is saved in the
+      :meth:`sharpjax.data.GrainLoader.batches`, or
+      :func:`sharpjax.data.prefetch_to_device` over one, which saves the
+      position of the batches it has yielded) whose state is saved in the
       same checkpoint (item ``data``: one JSON file per process, each
       process's own position and workers' states), so that a restored run
       reads exactly the batches it would have read.

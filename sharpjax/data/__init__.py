@@ -39,6 +39,7 @@ from sharpjax.data._grain import GrainLoader
 from sharpjax.data._grain import write_array_record
 from sharpjax.data._loader import DataLoader
 from sharpjax.data._noise import add_label_noise
+from sharpjax.data._prefetch import DevicePrefetch
 from sharpjax.data._prefetch import prefetch_to_device
 from sharpjax.data._sources import default_cache_dir
 from sharpjax.data._sources import load_cifar
@@ -51,6 +52,7 @@ __all__ = [
     "ArrayRecordSource",
     "ArraySource",
     "DataLoader",
+    "DevicePrefetch",
     "GrainLoader",
     "RandomCropFlip",
     "Splits",

@@ -13,7 +13,7 @@ def prefetch_to_device(
     batches: Iterable[Any],
     put: Callable[[Any], Any],
     size: int = 2,
-) -> Iterator[Any]:
+) -> "DevicePrefetch":
   """Yields ``put(batch)`` for each batch, with ``size`` batches already put.
 
   ``put`` starts a host-to-device transfer and returns at once (JAX's
@@ -31,6 +31,14 @@ def prefetch_to_device(
   a multi-process run) or splits it for ``pmap``; the default-device
   ``jax.device_put`` works too.
 
+  Checkpoints: the source is read ``size`` batches ahead of the caller, so
+  its own state (a grain iterator's ``get_state()``) is ahead of the run.
+  When the source has ``get_state``, the returned iterator's ``get_state()``
+  is the source's state *before the first batch not yet yielded*: save that
+  one (pass the returned iterator as :func:`sharpjax.launch.save_state`'s
+  ``data_iterator``), and restore into a fresh source before prefetching
+  from it again.
+
   Each queued batch holds device memory: ``size`` of 2 is enough to hide a
   transfer that takes less than a step; more only helps against irregular
   host loading, which a deeper host-side queue (the loader's own prefetch)
@@ -41,8 +49,8 @@ def prefetch_to_device(
     put: ``batch -> device batch``, asynchronous.
     size: batches in flight ahead of the one yielded (>= 1).
 
-  Yields:
-    ``put(batch)`` for every batch, in order.
+  Returns:
+    An iterator of ``put(batch)`` for every batch, in order.
 
   Example:
     >>> import jax
@@ -51,18 +59,56 @@ def prefetch_to_device(
     >>> for batch in data.prefetch_to_device(loader.epoch(0), jax.device_put):
     ...   assert isinstance(batch["x"], jax.Array)
   """
-  size = base.check_int("size", size, low=1)
-  source = iter(batches)
-  queue: collections.deque = collections.deque()
+  return DevicePrefetch(batches, put, size)
 
-  def enqueue(n: int) -> None:
-    for batch in itertools.islice(source, n):
-      queue.append(put(batch))
 
-  enqueue(size)
-  while queue:
+class DevicePrefetch:
+  """The iterator of :func:`prefetch_to_device`."""
+
+  def __init__(self, batches: Iterable[Any], put: Callable[[Any], Any],
+               size: int = 2):
+    self.size = base.check_int("size", size, low=1)
+    self._source = iter(batches)
+    self._put = put
+    self._stateful = hasattr(self._source, "get_state")
+    # (source state before the batch, the put batch), oldest first.
+    self._queue: collections.deque = collections.deque()
+    self._started = False
+
+  def _enqueue(self, n: int) -> None:
+    for _ in range(n):
+      state = self._source.get_state() if self._stateful else None
+      try:
+        batch = next(self._source)
+      except StopIteration:
+        return
+      self._queue.append((state, self._put(batch)))
+
+  def __iter__(self) -> "DevicePrefetch":
+    return self
+
+  def __next__(self) -> Any:
+    if not self._started:
+      self._started = True
+      self._enqueue(self.size)
+    if not self._queue:
+      raise StopIteration
     # Refill before yielding: the transfer of batch k + size starts before
     # the caller dispatches the step of batch k.
-    batch = queue.popleft()
-    enqueue(1)
-    yield batch
+    _, batch = self._queue.popleft()
+    self._enqueue(1)
+    return batch
+
+  def get_state(self) -> Any:
+    """The source's state before the first batch not yet yielded."""
+    if not self._stateful:
+      raise TypeError("prefetch_to_device: the source has no get_state().")
+    if self._queue:
+      return self._queue[0][0]
+    return self._source.get_state()
+
+  def close(self) -> None:
+    """Closes the source (grain iterators with worker processes)."""
+    self._queue.clear()
+    if hasattr(self._source, "close"):
+      self._source.close()
