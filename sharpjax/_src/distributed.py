@@ -190,7 +190,7 @@ def _StateOf(base_class, holder):  # pylint: disable=invalid-name
   return StateOf()
 
 
-def _data_item(iterator: Any, save: bool) -> dict:
+def data_item(iterator: Any, save: bool) -> dict:
   """``{"data": grain's orbax args}`` for a grain iterator, ``{}`` for None."""
   if iterator is None:
     return {}
@@ -257,7 +257,7 @@ def save_state(directory: str, step: int, state: Any,
     mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(dict(meta or {})),
-        **_data_item(data_iterator, save=True)))
+        **data_item(data_iterator, save=True)))
     mngr.wait_until_finished()
   mngr.close()
   return int(step)
@@ -314,7 +314,7 @@ def restore_state(directory: str, template: Any,
           f"restore_state: checkpoint {directory} step {step} holds no data "
           "iterator state (it was saved without data_iterator=).")
     mngr.restore(int(step), args=ocp.args.Composite(
-        **_data_item(data_iterator, save=False)))
+        **data_item(data_iterator, save=False)))
   mngr.close()
   state = jax.tree.unflatten(jax.tree.structure(template),
                              jax.tree.leaves(out["state"]))

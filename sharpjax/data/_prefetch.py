@@ -74,6 +74,7 @@ class DevicePrefetch:
     # (source state before the batch, the put batch), oldest first.
     self._queue: collections.deque = collections.deque()
     self._started = False
+    self._closed_state = None
 
   def _enqueue(self, n: int) -> None:
     for _ in range(n):
@@ -100,15 +101,20 @@ class DevicePrefetch:
     return batch
 
   def get_state(self) -> Any:
-    """The source's state before the first batch not yet yielded."""
+    """The source's state before the first batch not yet yielded (kept
+    when closed, for a last checkpoint)."""
     if not self._stateful:
       raise TypeError("prefetch_to_device: the source has no get_state().")
+    if self._closed_state is not None:
+      return self._closed_state
     if self._queue:
       return self._queue[0][0]
     return self._source.get_state()
 
   def close(self) -> None:
     """Closes the source (grain iterators with worker processes)."""
+    if self._stateful and self._closed_state is None:
+      self._closed_state = self.get_state()
     self._queue.clear()
     if hasattr(self._source, "close"):
       self._source.close()
