@@ -538,10 +538,12 @@ def _compare_run(runner, seed: int, probe, args, show: bool):
   finally:
     if board is not None:
       board.close()
-  if probe is not None:  # every process measures its own copy
-    state = runner.env.devices.local(state._replace(opt_state=()))
-  sharp = None if probe is None else probe.top_eigenvalue(state, seed)
-  trace = (probe.trace(state, seed, args.trace_probes)
+  # Every process measures its own host copy of the (replicated) model.
+  devices = runner.env.devices
+  local = (state if probe is None or devices is None
+           else devices.local(state._replace(opt_state=())))
+  sharp = None if probe is None else probe.top_eigenvalue(local, seed)
+  trace = (probe.trace(local, seed, args.trace_probes)
            if probe is not None and args.trace_probes else None)
   return _runner.summarize_run(name, seed, runner.hyper, progress, timing,
                                state, sharp, trace)

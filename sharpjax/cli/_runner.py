@@ -198,6 +198,7 @@ class MethodRunner:
     else:
       self.trainer = training.make_trainer(env.model, self.tx, validate=False)
     self.feed = None  # the run's batch iterator, while it runs
+    self._on_log = None
     self._compiled = False
     self.compile_s = 0.0
 
@@ -287,6 +288,7 @@ class MethodRunner:
       data_iterator = self.env.loader(seed).batches(progress.step, total)
     self.feed = data.prefetch_to_device(data_iterator,
                                         self.trainer.shard_batch)
+    self._on_log = on_log
     bar = _bar(show_progress, label, total, progress.step)
     epoch_ms = []
     t_start = time.perf_counter()
@@ -312,7 +314,7 @@ class MethodRunner:
           n = progress.step + len(pending)
           if (len(pending) >= _SYNC_EVERY or i == last - 1
               or (sync_every and n % sync_every == 0)):
-            self._flush(pending, progress, epoch, bar, on_log)
+            self._flush(pending, progress, epoch, bar)
             pending = []
             if on_step is not None and i != spe - 1:
               on_step(state, progress)
@@ -346,8 +348,8 @@ class MethodRunner:
               "wall_s": time.perf_counter() - t_start}
     return state, progress, timing
 
-  def _flush(self, pending, progress: Progress, epoch: int, bar,
-             on_log=None) -> None:
+  def _flush(self, pending, progress: Progress, epoch: int, bar) -> None:
+    on_log = self._on_log
     fetched = jax.device_get([{k: v for k, v in m.items() if np.ndim(v) == 0}
                               for m in pending])
     values = [(m["loss"], m["accuracy"], m.get("penalty", 0.0))
