@@ -55,8 +55,11 @@ def _parse(argv=None):
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--model", choices=("resnet18", "mlp"), default="resnet18",
+                 help="ResNet-18 (default) or an MLP of one hidden layer")
   p.add_argument("--width", type=int, default=16,
-                 help="ResNet-18 first-stage channels (default 16)")
+                 help="ResNet-18 first-stage channels, MLP hidden units "
+                 "(default 16)")
   p.add_argument("--grain-workers", type=int, default=2,
                  help="grain worker processes (0: skip the grain mode)")
   p.add_argument("--read-ms", type=float, default=0.0,
@@ -85,7 +88,10 @@ def main(argv=None):
       rng.standard_normal((n, 32, 32, 3)).astype(np.float32),
       rng.integers(0, 10, n), 10, name="images")
   augment = _SlowAugment(data.RandomCropFlip(), args.read_ms / 1e3)
-  model = models.ResNet18(num_classes=10, width=args.width)
+  if args.model == "resnet18":
+    model = models.ResNet18(num_classes=10, width=args.width)
+  else:
+    model = models.MLP(features=(args.width,), num_classes=10)
   trainer = training.make_trainer(model, optax.sgd(0.01, momentum=0.9),
                                   validate=False)
   host = data.DataLoader(train, args.batch, seed=0, prefetch=0,
@@ -165,7 +171,8 @@ def main(argv=None):
           "jax": jax.__version__, "platform": dev.platform,
           "device_kind": dev.device_kind, "machine": platform.machine(),
           "cpu_cores": len(os.sched_getaffinity(0)),
-          "model": f"ResNet-18 width {args.width}", "batch": args.batch,
+          "model": (f"ResNet-18 width {args.width}" if args.model == "resnet18"
+                    else f"MLP width {args.width}"), "batch": args.batch,
           "steps": steps, "repeats": args.repeats,
           "grain_workers": args.grain_workers, "read_ms": args.read_ms,
           "load_average": os.getloadavg()[0]}
