@@ -2,9 +2,11 @@
 
 One :class:`MethodRunner` per method builds the optax chain and the jitted
 step once; every seed reuses them, so a method compiles once per command. A
-run is a loop over :meth:`sharpjax.data.DataLoader.batch` from any step (the
-data order of epoch ``e`` depends on ``(seed, e)`` only, so a resumed run sees
-the batches the uninterrupted one would), with
+run is a loop over the loader's batches from any step (the data order of
+epoch ``e`` depends on ``(seed, e)`` only, so a resumed run sees the batches
+the uninterrupted one would; a grain loader's position is also restored from
+its saved state), made ahead on the host and put on the devices two steps
+ahead (:func:`sharpjax.data.prefetch_to_device`), with
 
 - metrics fetched every few steps and checked: a NaN or infinite loss raises
   :class:`NonFiniteLoss` naming the step;
@@ -14,7 +16,8 @@ the batches the uninterrupted one would), with
   the fastest epoch's (epoch time / steps), host data assembly included (the
   minimum, as in ``benchmarks/overhead.py``: on a shared machine the other
   epochs measure the neighbours' load);
-- an optional ``on_step(state, step, progress)`` hook (checkpoints).
+- an optional ``on_step(state, step, progress)`` hook (checkpoints) and an
+  ``on_log(step, scalars)`` hook (TensorBoard).
 """
 
 from __future__ import annotations
