@@ -33,6 +33,7 @@ from sharpjax._src.ssam import SSAMState
 # Trajectory regularizers: SAF (logit bank) and MESA (EMA teacher).
 from sharpjax._src.mesa import init_teacher_model_state
 from sharpjax._src.mesa import mesa
+from sharpjax._src.mesa import mesa_auto_decay
 from sharpjax._src.mesa import MESAState
 from sharpjax._src.mesa import teacher
 from sharpjax._src.saf import saf
@@ -40,7 +41,7 @@ from sharpjax._src.saf import saf_bank_bytes
 from sharpjax._src.saf import SAFState
 from sharpjax._src.trajectory import find_trajectory_state
 from sharpjax._src.trajectory import trajectory_penalty
-from sharpjax._src.trajectory import TrajectoryDiagnostics
+from sharpjax._src.trajectory_loss import TrajectoryDiagnostics
 
 # A Renyi-sharpness regularizer (ours, from the RSAM paper's definition).
 from sharpjax._src.renyi import renyi_regularizer

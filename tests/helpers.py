@@ -60,6 +60,8 @@ def update_kwargs(params, batch) -> dict[str, Any]:
       logits=apply(params, batch["x"]).astype(jnp.float32),
       ids=batch["ids"],
       value=jnp.mean(loss_fn(params, batch)),
+      # The clean gradient, for the scale-gradient filters of sharpjax.quant.
+      task_grads=jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params),
   )
 
 

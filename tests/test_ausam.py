@@ -152,7 +152,7 @@ class AusamTest(parameterized.TestCase):
     want_table = table.copy()
     want_table[ids] = (table[ids] * visits[ids] + change) / (visits[ids] + 1)
     np.testing.assert_allclose(new.scores, want_table, rtol=1e-5)
-    self.assertEqual(int(new.invalid_ids), 0)
+    self.assertEqual(int(new.dropped_ids), 0)
     d = sj.diagnostics(new)
     np.testing.assert_allclose(d["clean_loss"], np_losses(W0, c).mean(),
                                rtol=1e-5)
@@ -220,7 +220,56 @@ class AusamTest(parameterized.TestCase):
     untouched = [1, 2, 4, 5, 6]
     np.testing.assert_array_equal(visits[untouched], 5)
     np.testing.assert_array_equal(scores[untouched], np.asarray(marker)[untouched])
-    self.assertEqual(int(new.invalid_ids), 4)
+    self.assertEqual(int(new.dropped_ids), 4)
+
+  def _update_with_ids(self, ids, n=8, state=None, jit=True):
+    """One keep=1 AUSAM update on a batch with ``ids``; returns the state."""
+    size = len(ids)
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(size, 5)), jnp.float32),
+             "y": jnp.asarray(np.arange(size) % 3, jnp.int32),
+             "ids": ids}
+    tx = sj.ausam(rho=0.05, keep=1.0, num_examples=n)
+    params = helpers.tiny_params()
+    if state is None:
+      state = tx.init(params)
+      state = state._replace(scores=jnp.arange(n, dtype=jnp.float32) + 100.0,
+                             visits=jnp.full((n,), 5, jnp.int32))
+    grads = helpers.clean_grads(params, batch)
+    update = lambda s, b: tx.update(grads, s, params, loss_fn=helpers.loss_fn,
+                                    batch=b)
+    if jit:
+      update = jax.jit(update)
+    return update(state, batch)[1]
+
+  def test_ids_wider_than_int32_never_touch_another_row(self):
+    """2**32 + 5 narrowed to int32 would be row 5, -(2**32) + 1 row 1."""
+    ids = np.array([0, 2**32 + 5, 3, -(2**32) + 1], np.int64)
+
+    def check(new):
+      visits = np.asarray(new.visits)
+      np.testing.assert_array_equal(np.flatnonzero(visits == 6), [0, 3])
+      np.testing.assert_array_equal(np.asarray(new.scores)[[1, 5]],
+                                    [101.0, 105.0])
+      self.assertEqual(int(new.dropped_ids), 2)
+
+    with jax.enable_x64(True):
+      check(self._update_with_ids(jnp.asarray(ids)))
+    # Without x64: a NumPy int64 array is checked before JAX narrows it.
+    check(self._update_with_ids(ids, jit=False))
+
+  def test_dropped_ids_is_a_running_total(self):
+    state = self._update_with_ids(jnp.array([0, -1, 8, 3]))
+    self.assertEqual(int(state.dropped_ids), 2)
+    state = self._update_with_ids(jnp.array([9, 1, -4, 12]), state=state)
+    self.assertEqual(int(state.dropped_ids), 5)
+
+  def test_example_axes_name_the_score_table(self):
+    self.assertNotIn("EXAMPLE_AXES", sj.AUSAMState._fields)
+    self.assertEqual(sj.AUSAMState.EXAMPLE_AXES, {"scores": 0, "visits": 0})
+    state = sj.ausam(rho=0.05, num_examples=11).init(helpers.tiny_params())
+    for field, axis in state.EXAMPLE_AXES.items():
+      self.assertEqual(getattr(state, field).shape[axis], 11, field)
 
   def test_table_is_updated_in_place(self):
     # A donated state must not be copied: the compiled step holds no copy of

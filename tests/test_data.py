@@ -47,6 +47,27 @@ def test_ids_cover_the_data_set_exactly_once_per_epoch():
   np.testing.assert_array_equal(np.sort(ids), np.arange(100))
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_no_id_repeats_within_an_epoch(shuffle, drop_last, num_shards):
+  """SAF keeps one record per example and epoch: a repeated id would lose its
+  target. Every configuration yields each id at most once per epoch, over
+  all shards together."""
+  if num_shards > 1 and not drop_last:
+    pytest.skip("num_shards > 1 needs drop_last=True")
+  ds = _dataset(103)
+  loaders = [data.DataLoader(ds, 10, seed=7, shuffle=shuffle,
+                             drop_last=drop_last, num_shards=num_shards,
+                             shard_index=i, prefetch=0)
+             for i in range(num_shards)]
+  for epoch in range(3):
+    ids = np.concatenate([b["ids"] for loader in loaders
+                          for b in loader.epoch(epoch)])
+    assert len(ids) == len(np.unique(ids))
+    assert len(ids) == (100 if drop_last else 103)
+
+
 def test_shuffling_is_deterministic_per_seed_and_epoch():
   ds = _dataset()
   a = data.DataLoader(ds, 16, seed=7, prefetch=0)

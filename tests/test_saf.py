@@ -183,6 +183,93 @@ class SafIdsTest(parameterized.TestCase):
                       np.array([True]), 5.0, 0.3)
     np.testing.assert_allclose(penalty, want, rtol=1e-5)
 
+  @parameterized.named_parameters(
+      ("int64", np.int64, [2**32 + 5, 3, -(2**32) + 1, 2**31 + 2]),
+      ("uint64", np.uint64, [2**32 + 5, 3, 2**63 + 1, 2**33 + 2]),
+  )
+  def test_ids_wider_than_int32_touch_no_row(self, dtype, id_list):
+    """Checked in their own dtype before any narrowing: 2**32 + 5 is not row 5
+    and -(2**32) + 1 is not row 1 (narrowed to int32 they would be)."""
+    ids_np = np.asarray(id_list, dtype)
+    logits = jnp.arange(B * C, dtype=jnp.float32).reshape(B, C) + 1.0
+
+    def run(ids, jit):
+      tx = sj.saf(num_examples=8, num_classes=C, steps_per_epoch=1,
+                  delay_epochs=1, start_epoch=0)
+      update = lambda s, ids: tx.update(None, s, logits=logits, ids=ids)
+      if jit:
+        update = jax.jit(update)
+      _, state = update(tx.init(None), ids)
+      bank = np.asarray(state.logit_bank[0])
+      np.testing.assert_array_equal(np.flatnonzero(np.abs(bank).sum(-1)), [3])
+      np.testing.assert_array_equal(bank[3], np.asarray(logits[1]))
+      self.assertEqual(int(sj.diagnostics(state)["dropped_ids"]), 3)
+      penalty = sj.trajectory_penalty(state, jnp.zeros((B, C)), ids)
+      want = np_penalty(np.zeros((1, C)), np.asarray(logits[1:2]),
+                        np.array([True]), 5.0, 0.3)
+      np.testing.assert_allclose(penalty, want, rtol=1e-5)
+
+    with jax.enable_x64(True):  # JAX arrays of the wide dtype, eager and jit
+      run(jnp.asarray(ids_np), jit=False)
+      run(jnp.asarray(ids_np), jit=True)
+    # Without x64 a NumPy array of the wide dtype is checked on the host,
+    # before JAX would narrow it.
+    run(ids_np, jit=False)
+
+  def test_dropped_ids_is_a_running_total(self):
+    tx = sj.saf(num_examples=N, num_classes=C, steps_per_epoch=1,
+                delay_epochs=1, start_epoch=0)
+    update = jax.jit(lambda s, ids: tx.update(None, s, logits=jnp.ones((B, C)),
+                                              ids=ids))
+    state = tx.init(None)
+    _, state = update(state, jnp.array([-1, 0, N, 1]))
+    self.assertEqual(int(sj.diagnostics(state)["dropped_ids"]), 2)
+    _, state = update(state, jnp.array([2, N + 7, -5, -3]))
+    self.assertEqual(int(sj.diagnostics(state)["dropped_ids"]), 5)
+    _, state = update(state, jnp.arange(B))
+    self.assertEqual(int(sj.diagnostics(state)["dropped_ids"]), 5)
+
+  def test_an_id_repeated_within_an_epoch_keeps_its_first_row(self):
+    """Two steps per epoch, delay 1; id 0 appears twice in epoch 1. Its first
+    appearance reads epoch 0's record and writes epoch 1's; the second has no
+    target (its slot now holds epoch 1) and must not overwrite that record,
+    so epoch 2 reads the logits of id 0's first appearance in epoch 1."""
+    temperature, strength = 2.0, 0.5
+    tx = sj.saf(num_examples=N, num_classes=C, steps_per_epoch=2,
+                delay_epochs=1, temperature=temperature, strength=strength,
+                start_epoch=0)
+    rng = np.random.default_rng(5)
+    schedule = [[0, 1], [2, 3],   # epoch 0
+                [0, 1], [0, 2],   # epoch 1: id 0 twice
+                [0, 3], [1, 2]]   # epoch 2
+    written = {}  # (epoch, id) -> the record a correct bank holds
+    valids = []
+    state = tx.init(None)
+    update = jax.jit(lambda s, z, ids: tx.update(None, s, logits=z, ids=ids))
+    for step, ids in enumerate(schedule):
+      epoch = step // 2
+      logits = jnp.asarray(rng.normal(size=(2, C)), jnp.float32)
+      now = jnp.asarray(rng.normal(size=(2, C)), jnp.float32)
+      targets = np.zeros((2, C), np.float32)
+      valid = np.zeros(2, bool)
+      for k, i in enumerate(ids):
+        if (epoch - 1, i) in written and (epoch, i) not in written:
+          targets[k], valid[k] = written[(epoch - 1, i)], True
+      got = sj.trajectory_penalty(state, now, jnp.asarray(ids))
+      want = np_penalty(np.asarray(now), targets, valid, temperature,
+                        strength)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+      valids.append(valid)
+      _, state = update(state, logits, jnp.asarray(ids))
+      for k, i in enumerate(ids):
+        written.setdefault((epoch, i), np.asarray(logits[k]))
+    # The replay's expectations: step 3 (id 0's second appearance) has no
+    # target for id 0, step 4 reads the first row of epoch 1.
+    np.testing.assert_array_equal(valids[3], [False, True])
+    np.testing.assert_array_equal(valids[4], [True, False])
+    np.testing.assert_array_equal(np.asarray(state.logit_bank[0, 0]),
+                                  written[(2, 0)])
+
   def test_bfloat16_bank(self):
     kwargs = dict(num_examples=N, num_classes=C, steps_per_epoch=1,
                   delay_epochs=1, start_epoch=0)
@@ -213,6 +300,17 @@ class SafStateTest(parameterized.TestCase):
     _, new = tx.update(None, state, logits=jnp.zeros((B, C)),
                        ids=jnp.arange(B))
     chex.assert_trees_all_equal_shapes_and_dtypes(state, new)
+
+  def test_example_axes_name_the_per_example_tables(self):
+    """The protocol a trainer reads: each field of EXAMPLE_AXES has the
+    examples along the named axis, and the attribute is no pytree field."""
+    self.assertNotIn("EXAMPLE_AXES", sj.SAFState._fields)
+    self.assertEqual(sj.SAFState.EXAMPLE_AXES,
+                     {"logit_bank": 1, "recorded_epoch": 1})
+    state = sj.saf(num_examples=N, num_classes=C, steps_per_epoch=3).init(None)
+    for field, axis in state.EXAMPLE_AXES.items():
+      self.assertEqual(getattr(state, field).shape[axis], N, field)
+    self.assertLen(jax.tree.leaves(state), len(sj.SAFState._fields) + 2)
 
   def test_no_recompilation_across_epoch_boundaries(self):
     tx = optax.chain(sj.saf(num_examples=N, num_classes=C, steps_per_epoch=2,

@@ -17,6 +17,7 @@ import optax
 
 from sharpjax._src import ascent
 from sharpjax._src import base
+from sharpjax._src import example_ids
 from sharpjax._src import perturbed as perturbed_lib
 
 
@@ -29,17 +30,23 @@ class AUSAMState(NamedTuple):
     scores: float32 ``[num_examples]``, running mean of each example's loss
       change under the perturbation (0 until first sampled).
     visits: int32 ``[num_examples]``, how many times each example was sampled.
-    invalid_ids: int32, how many ids outside ``[0, num_examples)`` were seen
-      (they are trained on but never read or write a table row).
+    dropped_ids: int32, how many ids outside ``[0, num_examples)`` were seen
+      so far (they are trained on but never read or write a table row).
     diagnostics: what the last step saw; read it with
       :func:`sharpjax.diagnostics`.
+
+  Class attributes (not fields), read by trainers instead of testing the type:
+
+  - ``EXAMPLE_AXES``: the per-example tables, field name -> the axis indexed
+    by example id (``scores`` and ``visits``, axis 0). A trainer may shard
+    these fields by example along that axis.
   """
 
   count: jax.Array
   key: jax.Array
   scores: jax.Array
   visits: jax.Array
-  invalid_ids: jax.Array
+  dropped_ids: jax.Array
   diagnostics: perturbed_lib.Diagnostics
 
   EXAMPLE_AXES = {"scores": 0, "visits": 0}
@@ -111,7 +118,7 @@ def _batch_ids(batch) -> jax.Array:
         "(AUSAM keeps a score per example). Got a batch with "
         f"{list(batch) if isinstance(batch, Mapping) else type(batch).__name__}."
     )
-  ids = jnp.asarray(batch["ids"])
+  ids = example_ids.as_ids(batch["ids"])  # not narrowed before the check
   if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(
         "sharpjax.ausam: batch['ids'] must be a 1-D integer array, got "
@@ -181,9 +188,11 @@ def ausam(
   Sampling uses the Gumbel top-k trick. ``transition_steps`` counts steps,
   where the paper counts epochs (30).
 
-  Sample ids: an id outside ``[0, num_examples)`` (negative ones included)
+  Sample ids: an id outside ``[0, num_examples)`` (negative ones included,
+  and ids beyond int32, checked in their own dtype before any narrowing)
   never reads or writes a row of the table; the example is still trained on,
-  sampled as if never seen, and counted in the state's ``invalid_ids``.
+  sampled as if never seen, and counted in the state's ``dropped_ids`` (a
+  running total).
 
   Args:
     rho: radius (>= 0), a number or an optax schedule (the paper's CIFAR runs
@@ -244,7 +253,7 @@ def ausam(
         key=base.init_key_data(seed),
         scores=jnp.zeros((n,), jnp.float32),
         visits=jnp.zeros((n,), jnp.int32),
-        invalid_ids=jnp.zeros([], jnp.int32),
+        dropped_ids=jnp.zeros([], jnp.int32),
         diagnostics=perturbed_lib.init_diagnostics(),
     )
 
@@ -269,11 +278,9 @@ def ausam(
     k = base.fraction_size(fraction, size)
     new_key, key = base.next_key(state.key)
 
-    # Rows of the table; an out-of-range id is mapped to `rows`, one past the
-    # end, which the gather fills and the scatter drops.
-    rows = state.scores.shape[0]
-    valid = (ids >= 0) & (ids < rows)
-    safe_ids = jnp.where(valid, ids, rows)
+    # Rows of the table; an out-of-range id is mapped one past the end, which
+    # the gather fills and the scatter drops.
+    safe_ids, valid = example_ids.table_rows(ids, state.scores.shape[0])
     scores = state.scores.at[safe_ids].get(mode="fill", fill_value=0.0)
     visits = state.visits.at[safe_ids].get(mode="fill", fill_value=0)
 
@@ -310,7 +317,7 @@ def ausam(
         key=new_key,
         scores=state.scores.at[target].set(new_scores, mode="drop"),
         visits=state.visits.at[target].set(new_visits, mode="drop"),
-        invalid_ids=state.invalid_ids + jnp.sum(~valid, dtype=jnp.int32),
+        dropped_ids=state.dropped_ids + jnp.sum(~valid, dtype=jnp.int32),
         diagnostics=perturbed_lib.diagnostics_of(
             clean.grads, eps, result.grads, result.loss,
             grad_norm=grad_norm, clean_loss=clean.loss,

@@ -28,32 +28,10 @@ import jax.numpy as jnp
 import optax
 
 from sharpjax._src import base
+from sharpjax._src import hessian
 from sharpjax._src import perturbed as perturbed_lib
-from sharpjax.measures import _hessian
 
 LossFn = Callable[[Any, Any], jax.Array]
-
-
-def _flat_float32(params: Any):
-  leaves, treedef = jax.tree.flatten(params)
-  shapes = [jnp.shape(x) for x in leaves]
-  sizes = [int(jnp.size(x)) for x in leaves]
-  splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
-
-  def ravel(tree):
-    return jnp.concatenate(
-        [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    )
-
-  def unravel(flat):
-    parts = jnp.split(flat, splits) if splits else [flat]
-    return jax.tree.unflatten(
-        treedef,
-        [p.reshape(s).astype(jnp.asarray(x).dtype)
-         for p, s, x in zip(parts, shapes, leaves)],
-    )
-
-  return sum(sizes), ravel, unravel
 
 
 def renyi_sharpness_penalty(
@@ -112,7 +90,7 @@ def renyi_sharpness_penalty(
   """
   num_probes = base.check_int("num_probes", num_probes, low=1)
   size = perturbed_lib.batch_size(batch)
-  dim, ravel, unravel = _flat_float32(params)
+  flat = hessian.flat_view(params)
 
   def mean_loss(p):
     losses, _ = perturbed_lib.split_loss_output(
@@ -120,11 +98,10 @@ def renyi_sharpness_penalty(
     )
     return jnp.mean(losses.astype(jnp.float32))
 
-  def matvec(flat_v):
-    _, hv = jax.jvp(jax.grad(mean_loss), (params,), (unravel(flat_v),))
-    return ravel(hv)
+  def matvec(v):
+    return flat.ravel(hessian.hvp(mean_loss, params, flat.unravel(v)))
 
-  quad, sq, _ = _hessian.hutchinson(matvec, dim, key, num_probes)
+  quad, sq, _ = hessian.hutchinson(matvec, flat.dim, key, num_probes)
   return jnp.log(jnp.mean(sq) / jnp.mean(quad) ** 2)
 
 

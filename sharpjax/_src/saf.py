@@ -17,9 +17,11 @@ import numpy as np
 import optax
 
 from sharpjax._src import base
-from sharpjax._src import trajectory
+from sharpjax._src import example_ids
+from sharpjax._src import trajectory_loss
 
 
+@trajectory_loss.register_trajectory_state
 class SAFState(NamedTuple):
   """State of :func:`saf`.
 
@@ -37,6 +39,12 @@ class SAFState(NamedTuple):
     start_epoch: first epoch with the penalty on (int32 scalar).
     steps_per_epoch: steps in one epoch (int32 scalar).
     diagnostics: epoch, whether the penalty is on, ids ignored so far.
+
+  Class attributes (not fields), read by trainers instead of testing the type:
+
+  - ``EXAMPLE_AXES``: the per-example tables, field name -> the axis indexed
+    by example id (``logit_bank`` and ``recorded_epoch``, axis 1). A trainer
+    may shard these fields by example along that axis.
   """
 
   count: jax.Array
@@ -46,9 +54,25 @@ class SAFState(NamedTuple):
   strength: jax.Array
   start_epoch: jax.Array
   steps_per_epoch: jax.Array
-  diagnostics: trajectory.TrajectoryDiagnostics
+  diagnostics: trajectory_loss.TrajectoryDiagnostics
 
   EXAMPLE_AXES = {"logit_bank": 1, "recorded_epoch": 1}
+
+  def trajectory_penalty(
+      self, logits: jax.Array, *, ids: jax.Array | None = None,
+      teacher_fn=None, teacher_logits=None, per_example: bool = False,
+  ) -> jax.Array:
+    """The SAF penalty of :func:`sharpjax.trajectory_penalty`.
+
+    Needs ``ids``; ``teacher_fn`` and ``teacher_logits`` (MESA's) are ignored.
+    """
+    del teacher_fn, teacher_logits
+    if ids is None:
+      raise TypeError(
+          "sharpjax.trajectory_penalty: SAF needs the ids of the examples "
+          "(their dataset indices): trajectory_penalty(opt_state, logits, ids)."
+      )
+    return _penalty(self, logits, ids, per_example)
 
 
 def saf_bank_bytes(
@@ -126,13 +150,23 @@ def saf(
   devices, never the bank.
 
   Ids: ``ids`` are dataset indices in ``[0, num_examples)`` that travel with
-  their examples. An out-of-range id neither reads nor writes any row; it is
-  ignored and counted in the diagnostics (``dropped_ids``). If an id appears
-  twice in one batch, both copies read the same target and one of their
+  their examples. An out-of-range id (negative, too large, or beyond int32:
+  checked in its own dtype before any narrowing) neither reads nor writes any
+  row; it is ignored and counted in the diagnostics (``dropped_ids``, a
+  running total). SAF expects each example once per epoch, as
+  :class:`sharpjax.data.DataLoader` yields them. If a sampler repeats an id
+  within an epoch, its first appearance reads the target and writes the
+  record; a later one has no target (the slot it would read now holds this
+  epoch's record) and writes nothing, so the bank keeps the older row. Two
+  copies of an id in one batch both read the same target and one of their
   logits (unspecified which) is stored.
 
   With ``optax.MultiSteps``, the bank is written once per optimizer step with
   the logits of the micro-batch that completes it.
+
+  The penalty is not part of :func:`sharpjax.training.make_trainer`'s
+  ``metrics["loss"]``, which is the task loss alone; it is reported as
+  ``metrics["penalty"]`` (the gradient includes both).
 
   Args:
     num_examples: size of the training set (> 0).
@@ -215,7 +249,7 @@ def saf(
         strength=jnp.asarray(strength, jnp.float32),
         start_epoch=jnp.asarray(start_epoch, jnp.int32),
         steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32),
-        diagnostics=trajectory.init_diagnostics(),
+        diagnostics=trajectory_loss.init_diagnostics(),
     )
 
   def update_fn(updates, state, params=None, *, logits=None, ids=None,
@@ -226,20 +260,23 @@ def saf(
           "sharpjax.saf: update() needs this step's logits and the examples' "
           "ids: tx.update(grads, opt_state, params, logits=logits, ids=ids)."
       )
-    size = trajectory.check_logits(logits, num_classes, "saf")
+    size = trajectory_loss.check_logits(logits, num_classes, "saf")
     _check_ids(ids, size)
-    epoch = trajectory.epoch_of(state.count, state.steps_per_epoch)
+    epoch = trajectory_loss.epoch_of(state.count, state.steps_per_epoch)
     slot = epoch % delay_epochs
-    rows, in_range = _rows(ids, num_examples)
+    rows, in_range = example_ids.table_rows(ids, num_examples)
     # The written rows depend on the rows read here (the same rows the penalty
     # read): without that data dependency XLA copies the whole donated bank on
     # every step to order the scatter after the gather (performance-notes.md).
     old_logits = state.logit_bank.at[slot, rows].get(mode="fill", fill_value=0)
     old_epochs = state.recorded_epoch.at[slot, rows].get(mode="fill",
                                                          fill_value=-1)
-    new_logits = jnp.where(in_range[:, None],
+    # An id already written this epoch (a sampler that repeats it) keeps its
+    # first row: the record of its first appearance.
+    write = in_range & (old_epochs != epoch)
+    new_logits = jnp.where(write[:, None],
                            logits.astype(state.logit_bank.dtype), old_logits)
-    new_epochs = jnp.where(in_range, epoch, old_epochs)
+    new_epochs = jnp.where(write, epoch, old_epochs)
     dropped = jnp.sum(~in_range).astype(jnp.int32)
     new_state = state._replace(
         count=optax.safe_increment(state.count),
@@ -250,7 +287,7 @@ def saf(
         # inject_hyperparams rebuilds this transformation with new values.
         temperature=jnp.asarray(temperature, jnp.float32),
         strength=jnp.asarray(strength, jnp.float32),
-        diagnostics=trajectory.TrajectoryDiagnostics(
+        diagnostics=trajectory_loss.TrajectoryDiagnostics(
             epoch=epoch,
             penalty_active=epoch >= state.start_epoch,
             dropped_ids=state.diagnostics.dropped_ids + dropped,
@@ -261,41 +298,26 @@ def saf(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_ids(ids: jax.Array, size: int) -> None:
+def _check_ids(ids: Any, size: int) -> None:
   if jnp.shape(ids) != (size,):
     raise ValueError(
         f"sharpjax.saf: ids must have shape [B] = ({size},) like the logits' "
         f"first axis, got {jnp.shape(ids)}."
     )
-  if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
-    raise ValueError(
-        f"sharpjax.saf: ids must be integers, got {jnp.asarray(ids).dtype}."
-    )
+  dtype = example_ids.as_ids(ids).dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"sharpjax.saf: ids must be integers, got {dtype}.")
 
 
-def _rows(ids: jax.Array, num_examples: int) -> tuple[jax.Array, jax.Array]:
-  """Bank rows for ``ids``: out-of-range ids map past the end of the bank.
-
-  JAX normalises negative indices and clamps others, so an unchecked bad id
-  would read or write another example's row; index ``num_examples`` is instead
-  dropped by scatters (``mode="drop"``) and filled by gathers (``mode="fill"``).
-  """
-  ids = jnp.asarray(ids).astype(jnp.int32)
-  in_range = (ids >= 0) & (ids < num_examples)
-  return jnp.where(in_range, ids, num_examples), in_range
-
-
-def penalty(
-    state: SAFState, logits: jax.Array, ids: jax.Array, *,
-    per_example: bool = False,
+def _penalty(
+    state: SAFState, logits: jax.Array, ids: jax.Array, per_example: bool
 ) -> jax.Array:
-  """The SAF penalty of :func:`sharpjax.trajectory_penalty` for a SAF state."""
   delay_epochs, num_examples, num_classes = state.logit_bank.shape
-  size = trajectory.check_logits(logits, num_classes, "trajectory_penalty")
+  size = trajectory_loss.check_logits(logits, num_classes, "trajectory_penalty")
   _check_ids(ids, size)
-  epoch = trajectory.epoch_of(state.count, state.steps_per_epoch)
+  epoch = trajectory_loss.epoch_of(state.count, state.steps_per_epoch)
   slot = epoch % delay_epochs
-  rows, in_range = _rows(ids, num_examples)
+  rows, in_range = example_ids.table_rows(ids, num_examples)
   past = state.logit_bank.at[slot, rows].get(mode="fill", fill_value=0)
   recorded = state.recorded_epoch.at[slot, rows].get(mode="fill",
                                                      fill_value=-1)
@@ -303,6 +325,6 @@ def penalty(
   # delay_epochs - 1.
   valid = (in_range & (recorded >= 0) & (recorded == epoch - delay_epochs)
            & (epoch >= state.start_epoch))
-  kl = trajectory.tempered_kl(past, logits, state.temperature)
-  return trajectory.masked_penalty(kl, valid, state.temperature,
-                                   state.strength, per_example)
+  kl = trajectory_loss.tempered_kl(past, logits, state.temperature)
+  return trajectory_loss.masked_penalty(kl, valid, state.temperature,
+                                        state.strength, per_example)

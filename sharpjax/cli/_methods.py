@@ -154,7 +154,7 @@ def resolve(method: Method, budget: Budget, flags: Mapping[str, Any],
   auto = {
       "start_epoch": max(1, e // 6),
       "delay_epochs": min(3, max(1, e // 10)),
-      "decay": 1.0 - 1.0 / max(2.0, budget.total_steps / 16.0),
+      "decay": sj.mesa_auto_decay(max(1, budget.total_steps)),
       "update_every": spe,
       "transition_steps": int(round(0.15 * budget.total_steps)),
   }

@@ -23,7 +23,9 @@ class DataLoader:
 
   ``ids`` are the examples' indices in the data set (int32), carried through
   the shuffle, so per-example state such as SAF's logit bank can be keyed by
-  them. The order of epoch ``e`` is a permutation drawn from
+  them. No id appears twice in one epoch (every epoch is a permutation, cut
+  into batches and, with ``num_shards``, into disjoint blocks): SAF records
+  one row per example and epoch. The order of epoch ``e`` is a permutation drawn from
   ``(seed, e)`` alone, so a run restarted at epoch ``e`` sees the same batches;
   augmentation randomness is drawn from ``(seed, e, step)``, which keeps it
   deterministic with prefetching too.

@@ -20,11 +20,13 @@ from sharpjax.measures._data import as_batches
 from sharpjax.measures._data import Batches
 
 # The Hessian: products, eigenpairs, trace, spectral density, Renyi sharpness.
+# (Hutchinson's estimator lives with the Hessian-vector product in
+# sharpjax._src.hessian, which the Renyi regularizer shares.)
+from sharpjax._src.hessian import hutchinson
 from sharpjax.measures._hessian import density_from_quadrature
 from sharpjax.measures._hessian import Eigenpairs
 from sharpjax.measures._hessian import hessian_eigenpairs
 from sharpjax.measures._hessian import hessian_trace
-from sharpjax.measures._hessian import hutchinson
 from sharpjax.measures._hessian import hvp
 from sharpjax.measures._hessian import lanczos
 from sharpjax.measures._hessian import power_iteration

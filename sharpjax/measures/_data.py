@@ -19,6 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sharpjax._src import hessian
+
+# Maps a function over probes, subsets or grid points, a chunk at a time.
+chunked_map = hessian.chunked_map
+
 # loss_fn(params, batch) -> per-example losses, shape [B].
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -200,21 +205,6 @@ def subsets(batches: Batches, m: int | None, name: str = "measures") -> Batches:
   return Batches(
       (jax.tree.map(lambda x: x.reshape((n // m, m) + x.shape[1:]), allx),)
   )
-
-
-def chunked_map(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
-  """``lax.map`` of ``fn`` over the leading axis, ``chunk`` at a time.
-
-  ``chunk=None`` maps one element at a time; a ``chunk`` covering all elements
-  is a plain ``vmap``, with no loop at all (XLA:CPU runs convolutions inside
-  loops several times slower, jax-ml/jax#12868).
-  """
-  n = jax.tree.leaves(xs)[0].shape[0]
-  if n == 1:
-    return jax.tree.map(lambda o: o[None], fn(jax.tree.map(lambda x: x[0], xs)))
-  if chunk is not None and chunk >= n:
-    return jax.vmap(fn)(xs)
-  return jax.lax.map(fn, xs, batch_size=chunk)
 
 
 def tree_add_scaled(a: Any, b: Any, scale: Any) -> Any:

@@ -9,8 +9,11 @@ top eigenvalues (power iteration with deflation, or Lanczos), the trace
 sharpness. The linear algebra runs on the flattened float32 parameter vector;
 eigenvectors come back as pytrees shaped like the parameters.
 
-All loops are ``lax`` loops inside one ``jax.jit``, so compilation time does not
-grow with the number of iterations.
+Each measure is written once against a loop runner: :class:`_LaxLoops` traces
+it whole inside one ``jax.jit`` (``loop="lax"``), :class:`_HostLoops` runs the
+same loops from Python with one compiled call per step of Hessian-vector
+products (``loop="host"``). Either way compilation time does not grow with the
+number of iterations.
 
 Flax models with BatchNorm must be measured in eval mode (running statistics):
 build ``loss_fn`` with ``train=False`` / ``use_running_average=True``.
@@ -23,62 +26,26 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sharpjax._src import base
+from sharpjax._src import hessian
 from sharpjax.measures import _data
 
 LossFn = _data.LossFn
-MatVec = Callable[[jax.Array], jax.Array]
+MatVec = hessian.MatVec
 
 
 # ---------------------------------------------------------------------------
-# Flat float32 view of the parameters.
+# Hessian-vector products of the mean loss over the data.
 # ---------------------------------------------------------------------------
-
-
-class _Flat(NamedTuple):
-  dim: int
-  unravel: Callable[[jax.Array], Any]  # flat float32 -> f32 pytree
-  ravel: Callable[[Any], jax.Array]  # pytree -> flat float32
-
-
-def _flat_view(params: Any) -> _Flat:
-  leaves, treedef = jax.tree.flatten(params)
-  shapes = [jnp.shape(x) for x in leaves]
-  sizes = [int(jnp.size(x)) for x in leaves]
-  splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
-
-  def ravel(tree):
-    parts = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
-
-  def unravel(flat):
-    parts = jnp.split(flat, splits) if splits else [flat]
-    return jax.tree.unflatten(
-        treedef, [p.reshape(s) for p, s in zip(parts, shapes)]
-    )
-
-  return _Flat(sum(sizes), unravel, ravel)
-
-
-# ---------------------------------------------------------------------------
-# Hessian-vector products.
-# ---------------------------------------------------------------------------
-
-
-def _batch_hvp(loss_fn: LossFn, params: Any, batch: Any, v: Any) -> Any:
-  """Forward-over-reverse HVP of the mean loss on one batch (float32 out)."""
-  tangent = base.tree_cast_like(v, params)
-  grad_fn = jax.grad(lambda p: _data.mean_loss(loss_fn, p, batch, "hvp"))
-  _, hv = jax.jvp(grad_fn, (params,), (tangent,))
-  return jax.tree.map(lambda x: x.astype(jnp.float32), hv)
 
 
 def _data_hvp(loss_fn, params, batches, v):
-  return _data.weighted_mean(
-      lambda b: _batch_hvp(loss_fn, params, b, v), batches
-  )
+  def batch_hvp(batch):
+    mean_loss = lambda p: _data.mean_loss(loss_fn, p, batch, "hvp")
+    return hessian.hvp(mean_loss, params, v)
+
+  return _data.weighted_mean(batch_hvp, batches)
 
 
 def hvp(loss_fn: LossFn, params: Any, data: Any, v: Any) -> Any:
@@ -116,13 +83,117 @@ def _hvp_jit(loss_fn, params, batches, v):
   return _data_hvp(loss_fn, params, batches, v)
 
 
-def _flat_matvec(loss_fn, params, batches) -> tuple[_Flat, MatVec]:
-  flat = _flat_view(params)
+def _flat_matvec(loss_fn, params, batches) -> tuple[hessian.FlatView, MatVec]:
+  flat = hessian.flat_view(params)
 
   def matvec(x):
     return flat.ravel(_data_hvp(loss_fn, params, batches, flat.unravel(x)))
 
   return flat, matvec
+
+
+# ---------------------------------------------------------------------------
+# Where the loops run. A step is ``body(matvec, dim, x, *args)``, a
+# module-level function, so the host runner's compiled steps are cached
+# across calls (``body`` and ``loss_fn`` are static arguments).
+# ---------------------------------------------------------------------------
+
+
+class _LaxLoops:
+  """``lax`` loops and inline products: the measure traces into one jit."""
+
+  def __init__(self, matvec: MatVec, dim: int):
+    self.matvec, self.dim = matvec, dim
+
+  fori_loop = staticmethod(jax.lax.fori_loop)
+  while_loop = staticmethod(jax.lax.while_loop)
+
+  def step(self, body, x, *args, donate=False):
+    del donate
+    return body(self.matvec, self.dim, x, *args)
+
+  def map_steps(self, body, xs, chunk, *args):
+    """``body`` over the leading axis of ``xs``, ``chunk`` at a time."""
+    return hessian.chunked_map(
+        lambda x: body(self.matvec, self.dim, x, *args), xs, chunk)
+
+  def map(self, fn, xs):
+    return hessian.chunked_map(fn, xs, None)
+
+
+def _run_step(body, loss_fn, batched, params, batches, x, *args):
+  flat, matvec = _flat_matvec(loss_fn, params, batches)
+  one = lambda x: body(matvec, flat.dim, x, *args)
+  return jax.vmap(one)(x) if batched else one(x)
+
+
+_host_step = jax.jit(_run_step, static_argnums=(0, 1, 2))
+# Donates ``x`` (Lanczos' carry holds the [m, dim] basis: no second copy).
+_host_step_donating = jax.jit(_run_step, static_argnums=(0, 1, 2),
+                              donate_argnums=5)
+
+
+class _HostLoops:
+  """Python loops; each step of products is one compiled call.
+
+  XLA:CPU runs convolutions inside device loops several times slower than
+  outside (jax-ml/jax#12868); these loops avoid device loops entirely.
+  """
+
+  def __init__(self, loss_fn: LossFn, params: Any, batches: _data.Batches):
+    self.loss_fn, self.params, self.batches = loss_fn, params, batches
+    self.dim = hessian.flat_view(params).dim
+
+  @staticmethod
+  def fori_loop(lower, upper, body, init):
+    for i in range(lower, upper):
+      init = body(i, init)
+    return init
+
+  @staticmethod
+  def while_loop(cond, body, init):
+    while bool(cond(init)):
+      init = body(init)
+    return init
+
+  def step(self, body, x, *args, donate=False):
+    run = _host_step_donating if donate else _host_step
+    return run(body, self.loss_fn, False, self.params, self.batches, x, *args)
+
+  def map_steps(self, body, xs, chunk, *args):
+    chunk = 1 if chunk is None else chunk
+    outs = [
+        _host_step(body, self.loss_fn, True, self.params, self.batches,
+                   xs[start:start + chunk], *args)
+        for start in range(0, xs.shape[0], chunk)
+    ]
+    return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
+
+  def map(self, fn, xs):
+    outs = [fn(x) for x in xs]
+    return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+
+Loops = _LaxLoops | _HostLoops
+
+
+def _check_loop(loop):
+  if loop not in ("lax", "host"):
+    raise ValueError(f"loop must be 'lax' or 'host', got {loop!r}.")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _in_one_jit(measure, loss_fn, static, params, batches, key):
+  flat, matvec = _flat_matvec(loss_fn, params, batches)
+  return measure(_LaxLoops(matvec, flat.dim), params, key, *static)
+
+
+def _run_measure(measure, loop, loss_fn, params, batches, key, *static):
+  """``measure(loops, params, key, *static)`` with the loops ``loop`` asks."""
+  _check_loop(loop)
+  if loop == "lax":
+    return _in_one_jit(measure, loss_fn, static, params, batches, key)
+  return measure(_HostLoops(loss_fn, params, batches), params, key, *static)
 
 
 # ---------------------------------------------------------------------------
@@ -156,11 +227,36 @@ def _power_continue(state, max_iters, tol):
   return (it < max_iters) & ((it < 2) | (change >= tol))
 
 
-def _power_body(matvec, basis, found, state):
+def _power_body(matvec, dim, state, basis, found):
+  del dim
   v, lam, _, it = state
   v = _orth(v, basis, found)
   av = matvec(v)
   return _normalize(av), jnp.vdot(v, av), lam, it + 1
+
+
+def _power_iteration(loops: Loops, key, k, max_iters, tol):
+  def one(i, carry):
+    basis, values, iters = carry
+    found = (jnp.arange(k) < i).astype(jnp.float32)
+    state = loops.while_loop(
+        lambda st: _power_continue(st, max_iters, tol),
+        lambda st: loops.step(_power_body, st, basis, found),
+        _power_start(key, i, basis, found),
+    )
+    return (
+        basis.at[i].set(_orth(state[0], basis, found)),
+        values.at[i].set(state[1]),
+        iters.at[i].set(state[3]),
+    )
+
+  init = (
+      jnp.zeros((k, loops.dim), jnp.float32),
+      jnp.zeros((k,), jnp.float32),
+      jnp.zeros((k,), jnp.int32),
+  )
+  basis, values, iters = loops.fori_loop(0, k, one, init)
+  return values, basis, iters
 
 
 def power_iteration(
@@ -193,27 +289,7 @@ def power_iteration(
     ``(eigenvalues [k], eigenvectors [k, dim], iterations [k])``.
   """
 
-  def one(i, carry):
-    basis, values, iters = carry
-    found = (jnp.arange(k) < i).astype(jnp.float32)
-    state = jax.lax.while_loop(
-        lambda st: _power_continue(st, max_iters, tol),
-        lambda st: _power_body(matvec, basis, found, st),
-        _power_start(key, i, basis, found),
-    )
-    return (
-        basis.at[i].set(_orth(state[0], basis, found)),
-        values.at[i].set(state[1]),
-        iters.at[i].set(state[3]),
-    )
-
-  init = (
-      jnp.zeros((k, dim), jnp.float32),
-      jnp.zeros((k,), jnp.float32),
-      jnp.zeros((k,), jnp.int32),
-  )
-  basis, values, iters = jax.lax.fori_loop(0, k, one, init)
-  return values, basis, iters
+  return _power_iteration(_LaxLoops(matvec, dim), key, k, max_iters, tol)
 
 
 # Lanczos: carry = (basis, alphas, betas, v, v_prev, beta_prev).
@@ -224,12 +300,13 @@ def _lanczos_init(v0, num_steps):
   return (
       jnp.zeros((num_steps, v.shape[0]), jnp.float32),
       jnp.zeros((num_steps,), jnp.float32),
-      jnp.zeros((num_steps,), jnp.float32) + 0.0, v,
+      jnp.zeros((num_steps,), jnp.float32), v,
       jnp.zeros_like(v), jnp.zeros((), jnp.float32),
   )
 
 
-def _lanczos_body(matvec, key, breakdown_tol, j, carry):
+def _lanczos_body(matvec, dim, carry, j, key, breakdown_tol):
+  del dim
   basis, alphas, betas, v, v_prev, beta_prev = carry
 
   def reorth(w):
@@ -256,6 +333,17 @@ def _lanczos_body(matvec, key, breakdown_tol, j, carry):
   )
   beta = jnp.where(broke, 0.0, beta)
   return (basis, alphas.at[j].set(alpha), betas.at[j].set(beta), v_next, v, beta)
+
+
+def _lanczos(loops: Loops, v0, num_steps, key, breakdown_tol=1e-5):
+  carry = loops.fori_loop(
+      0, num_steps,
+      lambda j, c: loops.step(_lanczos_body, c, j, key, breakdown_tol,
+                              donate=True),
+      _lanczos_init(v0, num_steps),
+  )
+  basis, alphas, betas = carry[:3]
+  return alphas, betas[:-1], basis
 
 
 def lanczos(
@@ -287,13 +375,8 @@ def lanczos(
     ``(alphas [m], betas [m-1], basis [m, dim])``.
   """
   key = jax.random.PRNGKey(0) if key is None else key
-  carry = jax.lax.fori_loop(
-      0, num_steps,
-      lambda j, c: _lanczos_body(matvec, key, breakdown_tol, j, c),
-      _lanczos_init(v0, num_steps),
-  )
-  basis, alphas, betas = carry[:3]
-  return alphas, betas[:-1], basis
+  return _lanczos(_LaxLoops(matvec, jnp.shape(v0)[0]), v0, num_steps, key,
+                  breakdown_tol)
 
 
 def tridiagonal_eigh(
@@ -309,119 +392,8 @@ def tridiagonal_eigh(
   return jnp.linalg.eigh(t)
 
 
-def hutchinson(
-    matvec: MatVec,
-    dim: int,
-    key: jax.Array,
-    num_probes: int,
-    *,
-    probes_per_step: int | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  r"""Rademacher probes of a symmetric operator for trace estimation.
-
-  For probes :math:`z_k \in \{\pm1\}^{d}` returns the samples
-  :math:`z_k^\top A z_k` (mean: :math:`\mathrm{tr}\,A`) and
-  :math:`\|A z_k\|^2` (mean: :math:`\mathrm{tr}\,A^2`), and the diagonal
-  estimate :math:`\frac1K \sum_k z_k \odot A z_k`.
-
-  Args:
-    matvec: ``x -> A x`` on float32 vectors of length ``dim``.
-    dim: the vector length.
-    key: PRNG key; probe ``k`` uses ``fold_in(key, k)``.
-    num_probes: ``K``.
-    probes_per_step: probes evaluated together (vectorised); ``None`` runs
-      them one at a time; ``K`` or more runs them all at once, with no loop.
-
-  Returns:
-    ``(quad_samples [K], sq_norm_samples [K], diagonal [dim])``.
-  """
-  probe = lambda i: _probe_dim(matvec, dim, key, i)
-  quad, sq, diag = _data.chunked_map(
-      probe, jnp.arange(num_probes), probes_per_step
-  )
-  return quad, sq, jnp.mean(diag, axis=0)
-
-
-def _probe_dim(matvec, dim, key, i):
-  z = jax.random.rademacher(jax.random.fold_in(key, i), (dim,), jnp.float32)
-  az = matvec(z)
-  return jnp.vdot(z, az), jnp.vdot(az, az), z * az
-
-
 # ---------------------------------------------------------------------------
-# Host loops: the same bodies, one jit-compiled step per call from Python.
-# XLA:CPU runs convolutions inside while loops several times slower than
-# outside (jax-ml/jax#12868); ``loop="host"`` avoids device loops entirely.
-# ---------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _host_power_step(loss_fn, params, batches, basis, found, state):
-  _, matvec = _flat_matvec(loss_fn, params, batches)
-  return _power_body(matvec, basis, found, state)
-
-
-_power_start_jit = jax.jit(_power_start)
-_orth_jit = jax.jit(_orth)
-_power_continue_jit = jax.jit(_power_continue, static_argnums=(1, 2))
-
-
-def _host_power_iteration(loss_fn, params, batches, key, dim, k, max_iters, tol):
-  basis = jnp.zeros((k, dim), jnp.float32)
-  values, iters = [], []
-  for i in range(k):
-    found = (jnp.arange(k) < i).astype(jnp.float32)
-    state = _power_start_jit(key, i, basis, found)
-    while bool(_power_continue_jit(state, max_iters, tol)):
-      state = _host_power_step(loss_fn, params, batches, basis, found, state)
-    basis = basis.at[i].set(_orth_jit(state[0], basis, found))
-    values.append(state[1])
-    iters.append(state[3])
-  return jnp.stack(values), basis, jnp.stack(iters)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=6)
-def _host_lanczos_step(loss_fn, params, batches, key, j, breakdown_tol, carry):
-  _, matvec = _flat_matvec(loss_fn, params, batches)
-  return _lanczos_body(matvec, key, breakdown_tol, j, carry)
-
-
-def _host_lanczos(loss_fn, params, batches, v0, m, key, breakdown_tol=1e-5):
-  carry = jax.jit(_lanczos_init, static_argnums=1)(v0, m)
-  for j in range(m):
-    carry = _host_lanczos_step(
-        loss_fn, params, batches, key, jnp.int32(j), breakdown_tol, carry
-    )
-  basis, alphas, betas = carry[:3]
-  return alphas, betas[:-1], basis
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _host_probes(loss_fn, params, batches, key, indices, dim):
-  _, matvec = _flat_matvec(loss_fn, params, batches)
-  return jax.vmap(lambda i: _probe_dim(matvec, dim, key, i))(indices)
-
-
-def _host_hutchinson(loss_fn, params, batches, key, dim, num_probes, chunk):
-  chunk = 1 if chunk is None else chunk
-  outs = [
-      _host_probes(
-          loss_fn, params, batches, key,
-          np.arange(start, min(start + chunk, num_probes), dtype=np.int32), dim,
-      )
-      for start in range(0, num_probes, chunk)
-  ]
-  quad, sq, diag = (jnp.concatenate(x) for x in zip(*outs))
-  return quad, sq, jnp.mean(diag, axis=0)
-
-
-def _check_loop(loop):
-  if loop not in ("lax", "host"):
-    raise ValueError(f"loop must be 'lax' or 'host', got {loop!r}.")
-
-
-# ---------------------------------------------------------------------------
-# Measures.
+# Measures: each one function of its loops (see _run_measure).
 # ---------------------------------------------------------------------------
 
 
@@ -509,7 +481,7 @@ def hessian_eigenpairs(
   max_iters = base.check_int("max_iters", max_iters, low=1)
   base.check_range("tol", tol, low=0.0)
   batches = _data.as_batches(data, "hessian_eigenpairs")
-  dim = _flat_view(params).dim
+  dim = hessian.flat_view(params).dim
   if k > dim:
     raise ValueError(f"k must be in [1, {dim}] (the dimension), got {k}.")
   if method == "lanczos":
@@ -517,49 +489,24 @@ def hessian_eigenpairs(
     m = min(base.check_int("num_lanczos_steps", m, low=k), dim)
   else:
     m = 0
-  _check_loop(loop)
-  if loop == "lax":
-    return _eigenpairs_jit(
-        loss_fn, params, batches, key, k, method, max_iters, float(tol), m
-    )
+  return _run_measure(_eigenpairs, loop, loss_fn, params, batches, key, k,
+                      method, max_iters, float(tol), m)
+
+
+def _eigenpairs(loops: Loops, params, key, k, method, max_iters, tol, m):
   if method == "power":
-    values, vectors, iters = _host_power_iteration(
-        loss_fn, params, batches, key, dim, k, max_iters, float(tol)
-    )
-    return _eigenpairs_finish(params, values, vectors, iters)
-  k0, k1 = jax.random.split(key)
-  v0 = jax.random.normal(k0, (dim,))
-  alphas, betas, basis = _host_lanczos(loss_fn, params, batches, v0, m, k1)
-  return _ritz_pairs(params, alphas, betas, basis, k)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
-def _eigenpairs_jit(loss_fn, params, batches, key, k, method, max_iters, tol, m):
-  flat, matvec = _flat_matvec(loss_fn, params, batches)
-  if method == "power":
-    values, vectors, iters = power_iteration(
-        matvec, flat.dim, key, k=k, max_iters=max_iters, tol=tol
-    )
-    return _eigenpairs_finish(params, values, vectors, iters)
-  k0, k1 = jax.random.split(key)
-  v0 = jax.random.normal(k0, (flat.dim,))
-  alphas, betas, basis = lanczos(matvec, v0, m, key=k1)
-  return _ritz_pairs(params, alphas, betas, basis, k)
-
-
-@jax.jit
-def _eigenpairs_finish(params, values, vectors, iters):
-  flat = _flat_view(params)
-  return Eigenpairs(values, jax.vmap(flat.unravel)(vectors), iters)
-
-
-@functools.partial(jax.jit, static_argnums=4)
-def _ritz_pairs(params, alphas, betas, basis, k):
-  nodes, u = tridiagonal_eigh(alphas, betas)
-  order = jnp.argsort(-nodes)[:k]
-  vectors = jax.vmap(_normalize)((basis.T @ u[:, order]).T)
-  iters = jnp.full((k,), alphas.shape[0], jnp.int32)
-  return _eigenpairs_finish(params, nodes[order], vectors, iters)
+    values, vectors, iters = _power_iteration(loops, key, k, max_iters, tol)
+  else:
+    k0, k1 = jax.random.split(key)
+    v0 = jax.random.normal(k0, (loops.dim,))
+    alphas, betas, basis = _lanczos(loops, v0, m, k1)
+    nodes, u = tridiagonal_eigh(alphas, betas)
+    order = jnp.argsort(-nodes)[:k]
+    values = nodes[order]
+    vectors = jax.vmap(_normalize)((basis.T @ u[:, order]).T)
+    iters = jnp.full((k,), m, jnp.int32)
+  unravel = hessian.flat_view(params).unravel
+  return Eigenpairs(values, jax.vmap(unravel)(vectors), iters)
 
 
 class TraceEstimate(NamedTuple):
@@ -621,13 +568,9 @@ def hessian_trace(
     probes_per_step: probes evaluated together with ``vmap`` (faster, more
       memory); ``None`` evaluates one at a time; ``num_probes`` evaluates all
       at once with no loop.
-    loop: ``"lax"`` (default) runs every loop as a ``lax`` loop inside one
-      ``jax.jit`` (the function can be called inside the caller's ``jit``);
-      ``"host"`` runs the same steps from a Python loop, one compiled step
-      per Hessian-vector product. Use ``"host"`` for convolutional networks
-      on CPU, where XLA runs convolutions inside device loops several times
-      slower (jax-ml/jax#12868); compilation stays independent of the number
-      of iterations either way.
+    loop: ``"lax"`` (default) or ``"host"``, as for
+      :func:`hessian_eigenpairs` (``"host"`` for convolutional networks on
+      CPU).
 
   Returns:
     A :class:`TraceEstimate`.
@@ -643,35 +586,21 @@ def hessian_trace(
   if probes_per_step is not None:
     probes_per_step = base.check_int("probes_per_step", probes_per_step, low=1)
   batches = _data.as_batches(data, "hessian_trace")
-  _check_loop(loop)
-  if loop == "lax":
-    return _trace_jit(loss_fn, params, batches, key, num_probes, probes_per_step)
-  dim = _flat_view(params).dim
-  samples = _host_hutchinson(
-      loss_fn, params, batches, key, dim, num_probes, probes_per_step
-  )
-  return _trace_finish(params, *samples)
+  estimate = _run_measure(_trace, loop, loss_fn, params, batches, key,
+                          num_probes, probes_per_step)
+  return estimate._replace(num_probes=num_probes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _trace_jit(loss_fn, params, batches, key, num_probes, probes_per_step):
-  flat, matvec = _flat_matvec(loss_fn, params, batches)
-  samples = hutchinson(
-      matvec, flat.dim, key, num_probes, probes_per_step=probes_per_step
-  )
-  return _trace_finish(params, *samples)
-
-
-@jax.jit
-def _trace_finish(params, quad, sq, diag):
-  num_probes = quad.shape[0]
+def _trace(loops: Loops, params, key, num_probes, probes_per_step):
+  quad, sq, diag = loops.map_steps(
+      hessian.probe, jnp.arange(num_probes), probes_per_step, key)
   root = jnp.sqrt(float(num_probes))
   return TraceEstimate(
       trace=jnp.mean(quad),
       trace_stderr=jnp.std(quad, ddof=1) / root,
       trace_sq=jnp.mean(sq),
       trace_sq_stderr=jnp.std(sq, ddof=1) / root,
-      diagonal=_flat_view(params).unravel(diag),
+      diagonal=hessian.flat_view(params).unravel(jnp.mean(diag, axis=0)),
       num_probes=num_probes,
   )
 
@@ -752,13 +681,9 @@ def spectral_density(
     grid_size: number of grid points.
     sigma_squared: relative Gaussian smoothing variance.
     margin: grid margin beyond the extreme nodes.
-    loop: ``"lax"`` (default) runs every loop as a ``lax`` loop inside one
-      ``jax.jit`` (the function can be called inside the caller's ``jit``);
-      ``"host"`` runs the same steps from a Python loop, one compiled step
-      per Hessian-vector product. Use ``"host"`` for convolutional networks
-      on CPU, where XLA runs convolutions inside device loops several times
-      slower (jax-ml/jax#12868); compilation stays independent of the number
-      of iterations either way.
+    loop: ``"lax"`` (default) or ``"host"``, as for
+      :func:`hessian_eigenpairs` (``"host"`` for convolutional networks on
+      CPU).
 
   Returns:
     A :class:`SpectralDensity`.
@@ -779,61 +704,33 @@ def spectral_density(
   if probe not in ("rademacher", "gaussian"):
     raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {probe!r}.")
   batches = _data.as_batches(data, "spectral_density")
-  _check_loop(loop)
-  if loop == "lax":
-    return _density_jit(
-        loss_fn, params, batches, key, num_steps, num_runs, probe, grid_size,
-        float(sigma_squared), float(margin),
-    )
-  dim = _flat_view(params).dim
-  nodes, weights = [], []
-  for r in range(num_runs):
-    v0, k1 = _slq_start(key, r, dim, probe)
-    alphas, betas, _ = _host_lanczos(loss_fn, params, batches, v0, num_steps, k1)
-    n, w = _slq_quadrature(alphas, betas)
-    nodes.append(n)
-    weights.append(w)
-  return _density_finish(
-      jnp.stack(nodes), jnp.stack(weights), dim, grid_size,
-      float(sigma_squared), float(margin),
+  density = _run_measure(
+      _density, loop, loss_fn, params, batches, key, num_steps, num_runs,
+      probe, grid_size, float(sigma_squared), float(margin),
   )
+  return density._replace(dim=hessian.flat_view(params).dim)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _slq_start(key, r, dim, probe):
-  k0, k1 = jax.random.split(jax.random.fold_in(key, r))
-  if probe == "rademacher":
-    return jax.random.rademacher(k0, (dim,), jnp.float32), k1
-  return jax.random.normal(k0, (dim,)), k1
-
-
-@jax.jit
-def _slq_quadrature(alphas, betas):
-  nodes, u = tridiagonal_eigh(alphas, betas)
-  return nodes, u[0] ** 2
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _density_finish(nodes, weights, dim, grid_size, sigma_sq, margin):
-  grid, density, sigma = density_from_quadrature(
-      nodes, weights, grid_size=grid_size, sigma_squared=sigma_sq, margin=margin
-  )
-  return SpectralDensity(grid, density, nodes, weights, dim, sigma)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
-def _density_jit(
-    loss_fn, params, batches, key, m, runs, probe, grid_size, sigma_sq, margin
-):
-  flat, matvec = _flat_matvec(loss_fn, params, batches)
+def _density(loops: Loops, params, key, num_steps, num_runs, probe, grid_size,
+             sigma_squared, margin):
+  del params
 
   def run(r):
-    v0, k1 = _slq_start(key, r, flat.dim, probe)
-    alphas, betas, _ = lanczos(matvec, v0, m, key=k1)
-    return _slq_quadrature(alphas, betas)
+    k0, k1 = jax.random.split(jax.random.fold_in(key, r))
+    if probe == "rademacher":
+      v0 = jax.random.rademacher(k0, (loops.dim,), jnp.float32)
+    else:
+      v0 = jax.random.normal(k0, (loops.dim,))
+    alphas, betas, _ = _lanczos(loops, v0, num_steps, k1)
+    nodes, u = tridiagonal_eigh(alphas, betas)
+    return nodes, u[0] ** 2
 
-  nodes, weights = _data.chunked_map(run, jnp.arange(runs), None)
-  return _density_finish(nodes, weights, flat.dim, grid_size, sigma_sq, margin)
+  nodes, weights = loops.map(run, jnp.arange(num_runs))
+  grid, density, sigma = density_from_quadrature(
+      nodes, weights, grid_size=grid_size, sigma_squared=sigma_squared,
+      margin=margin,
+  )
+  return SpectralDensity(grid, density, nodes, weights, loops.dim, sigma)
 
 
 def density_from_quadrature(

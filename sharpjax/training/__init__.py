@@ -58,10 +58,7 @@ from all processes (:func:`sharpjax.launch.save_state` /
 :func:`sharpjax.launch.restore_state`).
 """
 
-from sharpjax.training._adapters import Linen
-from sharpjax.training._adapters import Nnx
 from sharpjax.training._placement import PerDeviceBatch
-from sharpjax.training._step import accuracy
 from sharpjax.training._step import Batch
 from sharpjax.training._step import LossFn
 from sharpjax.training._step import softmax_cross_entropy
@@ -85,7 +82,7 @@ def unreplicate(tree):
 
 
 __all__ = [
-    "accuracy", "Batch", "Linen", "LossFn", "make_trainer", "Nnx",
-    "PerDeviceBatch", "softmax_cross_entropy", "state_from_params", "Trainer",
-    "TrainState", "unreplicate",
+    "Batch", "LossFn", "make_trainer", "PerDeviceBatch",
+    "softmax_cross_entropy", "state_from_params", "Trainer", "TrainState",
+    "unreplicate",
 ]

@@ -108,7 +108,25 @@ def init_state(spec: StepSpec, rng: jax.Array, x: jax.Array) -> TrainState:
 
 def state_from_params(tx: optax.GradientTransformation, params: Any,
                       model_state: Any, rng: jax.Array) -> TrainState:
-  """The step-0 :class:`TrainState` of given parameters and model state."""
+  """The step-0 :class:`TrainState` of given parameters and model state.
+
+  What ``Trainer.init`` builds after initialising the model, for parameters
+  that come from elsewhere (a checkpoint, another framework, one shared
+  initialisation for several methods): ``tx.init(params)``, and a state that
+  tracks the model state (MESA's teacher) is handed the model's
+  floating-point collections.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sharpjax as sj
+    >>> from sharpjax import training
+    >>> tx = optax.chain(sj.mesa(start_epoch=0, steps_per_epoch=10),
+    ...                  optax.sgd(0.1))
+    >>> state = training.state_from_params(
+    ...     tx, {"w": jnp.ones(3)}, {"batch_stats": {"mean": jnp.zeros(3)}},
+    ...     jax.random.key(0))
+    >>> sj.teacher(state.opt_state)[1]
+    {'batch_stats': {'mean': Array([0., 0., 0.], dtype=float32)}}
+  """
   opt_state = tx.init(params)
   tracked = protocol.float_collections(model_state)
   if tracked and protocol.tracks_model_state(opt_state):
