@@ -269,8 +269,16 @@ def _run_worker(command: list[str]) -> None:
       runpy.run_module(command[1], run_name="__main__", alter_sys=True)
     else:
       script = command[0]
-      if not os.path.exists(script) and shutil.which(script):
-        script = shutil.which(script)  # a console script: sharpjax train ...
+      if not os.path.exists(script):
+        # A console script (sharpjax train ...): on the PATH, or installed
+        # beside this Python.
+        found = shutil.which(script, path=os.pathsep.join(
+            [os.environ.get("PATH", ""), os.path.dirname(sys.executable)]))
+        if found is None:
+          raise FileNotFoundError(
+              f"launch: {script!r} is neither a file nor a command on the "
+              "PATH or beside this Python.")
+        script = found
       sys.argv = [script, *command[1:]]
       sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
       runpy.run_path(script, run_name="__main__")
