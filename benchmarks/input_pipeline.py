@@ -200,6 +200,7 @@ def main(argv=None):
       json.dumps({"meta": meta, "results": rows}, indent=1))
   lines = [f"{meta['model']}, batch {args.batch}, 32x32x3 with random crop + "
            f"flip, {args.read_ms:g} ms of simulated read latency per batch, "
+           f"the loss read back every {args.sync_every} steps, "
            f"{dev.platform} ({meta['cpu_cores']} cores, load average "
            f"{meta['load_average']:.1f}); min over {args.repeats} repeats of "
            f"{steps} steps.", "",
