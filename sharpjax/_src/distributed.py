@@ -14,6 +14,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from sharpjax._src.grain_state import data_item
+
 # Environment variables the launcher (sharpjax.launch) sets for its workers.
 ENV_COORDINATOR = "SHARPJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "SHARPJAX_NUM_PROCESSES"
@@ -166,45 +168,6 @@ def _data_as_keys(tree: Any, template: Any) -> Any:
   return jax.tree.map(
       lambda x, t: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
                     if _is_typed_key(t) else x), tree, template)
-
-
-def _StateOf(base_class, holder):  # pylint: disable=invalid-name
-  """A grain ``DatasetIterator`` whose state is ``holder.get_state()``.
-
-  What grain's checkpoint handler writes for an iterator that is not one of
-  grain's, e.g. :func:`sharpjax.data.prefetch_to_device`'s, whose position
-  is behind its source's.
-  """
-
-  class StateOf(base_class):
-
-    def __next__(self):
-      raise StopIteration
-
-    def get_state(self):
-      return holder.get_state()
-
-    def set_state(self, state):
-      holder.set_state(state)
-
-  return StateOf()
-
-
-def data_item(iterator: Any, save: bool) -> dict:
-  """``{"data": grain's orbax args}`` for a grain iterator, ``{}`` for None."""
-  if iterator is None:
-    return {}
-  try:
-    from grain import checkpoint as grain_checkpoint  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("data_iterator= is a grain iterator: pip install "
-                      "'sharpjax[grain]'.") from e
-  import grain  # pylint: disable=g-import-not-at-top
-  if save:
-    if not isinstance(iterator, grain.DatasetIterator):
-      iterator = _StateOf(grain.DatasetIterator, iterator)
-    return {"data": grain_checkpoint.CheckpointSave(iterator)}
-  return {"data": grain_checkpoint.CheckpointRestore(iterator)}
 
 
 def save_state(directory: str, step: int, state: Any,

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
-from sharpjax._src import distributed as _distributed
+from sharpjax._src.grain_state import data_item
 
 FORMAT = "sharpjax.cli checkpoint"
 VERSION = 1
@@ -154,7 +154,7 @@ class Checkpointer:
     arrays = {_leaf_name(i): x for i, x in enumerate(leaves)}
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
-        **_distributed.data_item(data_iterator, save=True)))
+        **data_item(data_iterator, save=True)))
     mngr.wait_until_finished()
     return step
 
@@ -267,7 +267,7 @@ class Checkpointer:
     if data_iterator is not None and os.path.isdir(
         os.path.join(self.directory, str(step), "data")):
       self._mngr(create=False).restore(step, args=ocp.args.Composite(
-          **_distributed.data_item(data_iterator, save=False)))
+          **data_item(data_iterator, save=False)))
       meta["data_restored"] = True
     return jax.tree.unflatten(treedef, placed), meta
 
