@@ -145,7 +145,7 @@ METHODS = [
     Method("fsam", lambda: optax.chain(
         sj.fsam(rho=0.05, sigma=1.0, lam=0.95), _sgd())),
     Method("msam", lambda: optax.chain(sj.msam(rho=0.05, num_chunks=8), _sgd()),
-           note="8 chunks of 16 (vmap)"),
+           note="8 chunks of 16 (unrolled loop)"),
     Method("saf", lambda: optax.chain(_saf(4000, 10), _sgd()),
            note="bank 4,000 x 3 x 10"),
     Method("saf (50k x 100)", lambda: optax.chain(_saf(50_000, 100), _sgd()),

@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 # The SAM family: perturb-then-descend transformations.
 from sharpjax._src.sam import asam
 from sharpjax._src.sam import sam
-from sharpjax._src.sam import sharpness_aware
-from sharpjax._src.sam import SharpnessAwareState
+from sharpjax._src.sharpness_aware import sharpness_aware
+from sharpjax._src.sharpness_aware import SharpnessAwareState
 
 # The SAM family, direction-changing variants: GSAM, LookSAM, F-SAM, mSAM.
 from sharpjax._src.fsam import fsam

@@ -27,29 +27,12 @@ NUM_EXAMPLES = 20
 IDS = np.array([3, 17, 0, 9, 12, 5, 19, 8, 1, 14], np.int32)
 
 
-def quad_loss(params, batch):
-  w = jnp.concatenate([params["kernel"], params["bias"]]).astype(jnp.float32)
-  d = w[None, :] - batch["c"]
-  return 0.5 * jnp.einsum("bi,ij,bj->b", d, jnp.asarray(A, jnp.float32), d)
-
-
-def np_losses(w, centres):
-  d = w[None, :] - centres
-  return 0.5 * np.einsum("bi,ij,bj->b", d, A, d)
-
-
-def quad_params(w=W0):
-  return {"kernel": jnp.asarray(w[:2], jnp.float32),
-          "bias": jnp.asarray(w[2:], jnp.float32)}
+Q = helpers.Quadratic(A, CENTRES, W0, kernel_shape=(2,))
+quad_loss, quad_params, flat, np_losses = Q.loss, Q.params, Q.flat, Q.losses
 
 
 def quad_batch(ids=IDS):
-  return {"c": jnp.asarray(CENTRES, jnp.float32), "ids": jnp.asarray(ids)}
-
-
-def flat(params):
-  return np.concatenate([np.asarray(params["kernel"], np.float64),
-                         np.asarray(params["bias"], np.float64)])
+  return {**Q.batch, "ids": jnp.asarray(ids)}
 
 
 def np_probabilities(scores, visited, f_min, f_high):
@@ -302,6 +285,19 @@ class AusamTest(parameterized.TestCase):
     self.assertNotIn("f32[16,8]", text)  # never on the whole batch
 
 
+class AusamCostTest(parameterized.TestCase):
+
+  def test_both_passes_and_nothing_else_run_on_the_sample(self):
+    # Two forward-backward passes on the 8 sampled examples (2 convolutions
+    # each on this one-layer model); the caller's clean pass on the whole
+    # batch is dead code, since AUSAM does not use its gradient or value.
+    params, batch = helpers.conv_problem(16)
+    tx = optax.chain(sj.ausam(rho=0.1, keep=0.5, num_examples=16),
+                     optax.sgd(0.1))
+    shapes = helpers.compiled_convolutions(tx, params, batch)
+    self.assertEqual(sorted(shapes), ["f32[2,3,4]"] * 2 + ["f32[8,10,4]"] * 2)
+
+
 class AusamValidationTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -332,3 +328,52 @@ class AusamValidationTest(parameterized.TestCase):
       tx.update(helpers.clean_grads(params, batch), tx.init(params), params,
                 loss_fn=lambda p, b: helpers.loss_fn(p, {"x": b[0], "y": b[1]}),
                 batch=(batch["x"], batch["y"]))
+
+
+class AusamPmapTest(parameterized.TestCase):
+
+  def test_devices_stay_identical_under_pmap(self):
+    # Each device samples from its own shard; the gradients are averaged and
+    # every device writes every device's score rows, so after two steps the
+    # parameters and the tables are the same on every device.
+    n = 4
+    tx = optax.chain(
+        sj.ausam(rho=0.1, keep=0.5, num_examples=64, axis_name="d"),
+        optax.sgd(0.1, momentum=0.9))
+    single = optax.chain(sj.ausam(rho=0.1, keep=0.5, num_examples=64),
+                         optax.sgd(0.1, momentum=0.9))
+    params = helpers.tiny_params()
+    batch = helpers.tiny_batch(size=8 * n)
+    shards = jax.tree.map(lambda x: x.reshape(n, 8, *x.shape[1:]), batch)
+
+    def device_step(params, state, shard):
+      grads = helpers.clean_grads(params, shard)
+      updates, state = tx.update(grads, state, params, loss_fn=helpers.loss_fn,
+                                 batch=shard, data_axis_name="d")
+      return optax.apply_updates(params, updates), state, updates
+
+    step = jax.pmap(device_step, axis_name="d", devices=jax.devices()[:n])
+    replicate = lambda t: jax.tree.map(lambda x: jnp.stack([x] * n), t)
+    p, s = replicate(params), replicate(tx.init(params))
+    for t in range(2):
+      p, s, updates = step(p, s, shards)
+      if t == 0:
+        # The update is the mean of the devices' own AUSAM updates.
+        per_device = [
+            single.update(helpers.clean_grads(params, shard), single.init(
+                params), params, loss_fn=helpers.loss_fn, batch=shard)[0]
+            for shard in (jax.tree.map(lambda x, i=i: x[i], shards)
+                          for i in range(n))]
+        want = jax.tree.map(lambda *u: jnp.mean(jnp.stack(u), 0), *per_device)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], updates),
+                                    want, atol=1e-6, rtol=1e-5)
+    for i in range(1, n):
+      chex.assert_trees_all_equal(jax.tree.map(lambda x, i=i: x[i], p),
+                                  jax.tree.map(lambda x: x[0], p))
+      chex.assert_trees_all_equal(jax.tree.map(lambda x, i=i: x[i], s),
+                                  jax.tree.map(lambda x: x[0], s))
+    # Every device's 4 sampled rows were written, on both steps.
+    visits = np.asarray(s[0].visits[0])
+    self.assertEqual(int(visits.sum()), 2 * n * 4)
+    self.assertTrue(set(np.flatnonzero(visits)) <= set(
+        np.asarray(batch["ids"]).tolist()))

@@ -24,23 +24,9 @@ CENTRES = _RNG.normal(size=(8, 5)) * np.array([1.0, 2.0, 0.5, 1.5, 1.0])
 W0 = np.array([0.3, 0.8, -0.6, 1.2, -0.4])
 
 
-def quad_loss(params, batch):
-  w = jnp.concatenate([params["kernel"], params["bias"]]).astype(jnp.float32)
-  d = w[None, :] - batch["c"]
-  return 0.5 * jnp.einsum("bi,ij,bj->b", d, jnp.asarray(A, jnp.float32), d)
-
-
-def quad_params(w=W0):
-  return {"kernel": jnp.asarray(w[:3], jnp.float32),
-          "bias": jnp.asarray(w[3:], jnp.float32)}
-
-
-QUAD_BATCH = {"c": jnp.asarray(CENTRES, jnp.float32)}
-
-
-def flat(params):
-  return np.concatenate([np.asarray(params["kernel"], np.float64),
-                         np.asarray(params["bias"], np.float64)])
+Q = helpers.Quadratic(A, CENTRES, W0, kernel_shape=(3,))
+quad_loss, quad_params, flat, run = Q.loss, Q.params, Q.flat, Q.run
+QUAD_BATCH = Q.batch
 
 
 def sds_reference(rho, gamma, lr, steps):
@@ -58,22 +44,6 @@ def sds_reference(rho, gamma, lr, steps):
     selections.append(keep)
     w = w - lr * A @ (w + eps - CENTRES[keep].mean(0))
   return w, selections
-
-
-def run(tx, steps, params=None, batch=QUAD_BATCH, loss_fn=quad_loss):
-  params = quad_params() if params is None else params
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
-                               batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params, state
 
 
 class EsamTest(parameterized.TestCase):
@@ -212,6 +182,21 @@ class EsamTest(parameterized.TestCase):
     for i in range(n):
       chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], got), want,
                                   atol=1e-6)
+
+  def test_the_step_holds_the_passes_of_the_cost_model_only(self):
+    # Clean forward-backward (2 convolutions on this one-layer model, the
+    # caller's), the scoring forward at w + eps on the batch (1), and the
+    # descent forward-backward on the ceil(gamma B) = 8 kept examples (2). The
+    # clean per-example losses share the caller's forward (no 6th).
+    params, batch = helpers.conv_problem(16)
+    tx = optax.chain(sj.esam(rho=0.1, beta=0.6, gamma=0.5), optax.sgd(0.1))
+    shapes = helpers.compiled_convolutions(tx, params, batch)
+    self.assertLen(shapes, 5)
+    self.assertEqual(shapes.count("f32[16,10,4]"), 2)  # full-batch forwards
+    self.assertEqual(shapes.count("f32[8,10,4]"), 1)  # the kept examples
+    self.assertEqual(shapes.count("f32[2,3,4]"), 2)  # the kernel gradients
+    sam = optax.chain(sj.sam(rho=0.1), optax.sgd(0.1))
+    self.assertLen(helpers.compiled_convolutions(sam, params, batch), 4)
 
   def test_has_aux(self):
     def loss_aux(p, b):

@@ -9,18 +9,13 @@ import optax
 import pytest
 import sharpjax as sj
 
-# Per-example loss l_i(w) = 0.5 (w - c_i)^T A (w - c_i).
-A = np.array([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]])
-CENTRES = np.array(
-    [[1.0, -2.0, 0.5], [0.0, 1.0, 1.5], [2.0, 0.5, -1.0], [-1.0, 0.0, 0.0]]
-)
-W0 = np.array([0.3, 0.8, -0.6])
-BATCH = {"c": jnp.asarray(CENTRES, jnp.float32)}
+from tests import helpers
 
-
-def quad_loss(params, batch):
-  d = params["w"][None, :] - batch["c"]
-  return 0.5 * jnp.einsum("bi,ij,bj->b", d, jnp.asarray(A, jnp.float32), d)
+# Per-example loss l_i(w) = 0.5 (w - c_i)^T A (w - c_i), w = [kernel, bias].
+Q = helpers.QUADRATIC_3
+A, CENTRES, W0 = Q.a, Q.centres, Q.w0
+quad_loss, flat = Q.loss, Q.flat
+BATCH = Q.batch
 
 
 def reference(rho, alpha, lr, steps):
@@ -38,15 +33,16 @@ def reference(rho, alpha, lr, steps):
   return w, directions
 
 
-def run(tx, steps, lr=None):
-  params = {"w": jnp.asarray(W0, jnp.float32)}
+def run(tx, steps):
+  """Runs ``tx`` eagerly, keeping the update of every step."""
+  params = Q.params()
   state = tx.init(params)
   outs = []
   for _ in range(steps):
     grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
     updates, state = tx.update(grads, state, params, loss_fn=quad_loss,
                                batch=BATCH)
-    outs.append(updates["w"])
+    outs.append(flat(updates))
     params = optax.apply_updates(params, updates)
   return params, outs, state
 
@@ -56,7 +52,7 @@ def test_matches_formula_on_quadratic(rho, alpha):
   w_ref, d_ref = reference(rho, alpha, lr=0.1, steps=4)
   tx = optax.chain(sj.sagm(rho=rho, alpha=alpha), optax.sgd(0.1))
   params, _, _ = run(tx, 4)
-  np.testing.assert_allclose(params["w"], w_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat(params), w_ref, rtol=1e-5, atol=1e-6)
   # The direction alone, one step.
   _, outs, state = run(sj.sagm(rho=rho, alpha=alpha), 1)
   np.testing.assert_allclose(outs[0], d_ref[0], rtol=1e-5, atol=1e-6)
@@ -69,7 +65,7 @@ def test_matches_formula_on_quadratic(rho, alpha):
 
 
 def test_alpha_zero_is_half_clean_plus_half_sam():
-  params = {"w": jnp.asarray(W0, jnp.float32)}
+  params = Q.params()
   grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
   d, _ = sj.sagm(rho=0.2, alpha=0.0).update(
       grads, sj.sagm(rho=0.2, alpha=0.0).init(params), params,
@@ -78,27 +74,27 @@ def test_alpha_zero_is_half_clean_plus_half_sam():
       grads, sj.sam(rho=0.2).init(params), params, loss_fn=quad_loss,
       batch=BATCH)
   np.testing.assert_allclose(
-      d["w"], 0.5 * (grads["w"] + g_sam["w"]), rtol=1e-6, atol=1e-7)
+      flat(d), 0.5 * (flat(grads) + flat(g_sam)), rtol=1e-6, atol=1e-7)
 
 
 def test_rho_alpha_zero_is_plain_gradient():
-  params = {"w": jnp.asarray(W0, jnp.float32)}
+  params = Q.params()
   grads = jax.grad(lambda p: quad_loss(p, BATCH).mean())(params)
   tx = sj.sagm(rho=0.0, alpha=0.0)
   d, _ = tx.update(grads, tx.init(params), params, loss_fn=quad_loss,
                    batch=BATCH)
-  np.testing.assert_array_equal(d["w"], grads["w"])
+  np.testing.assert_array_equal(flat(d), flat(grads))
 
 
 def test_zero_gradient_no_nan():
   c = np.tile(W0, (4, 1))
-  params = {"w": jnp.asarray(W0, jnp.float32)}
+  params = Q.params()
   batch = {"c": jnp.asarray(c, jnp.float32)}
-  grads = {"w": jnp.zeros(3)}
+  grads = jax.tree.map(jnp.zeros_like, params)
   tx = sj.sagm()
   d, state = tx.update(grads, tx.init(params), params, loss_fn=quad_loss,
                        batch=batch)
-  np.testing.assert_array_equal(d["w"], np.zeros(3))
+  np.testing.assert_array_equal(flat(d), np.zeros(3))
   assert np.isfinite(sj.diagnostics(state)["perturbation_norm"])
 
 

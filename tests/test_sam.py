@@ -14,24 +14,10 @@ import sharpjax as sj
 from tests import helpers
 
 # Per-example loss l_i(w) = 0.5 (w - c_i)^T A (w - c_i) with w = [kernel, bias].
-A = np.array([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]])
-CENTRES = np.array(
-    [[1.0, -2.0, 0.5], [0.0, 1.0, 1.5], [2.0, 0.5, -1.0], [-1.0, 0.0, 0.0]]
-)
-W0 = np.array([0.3, 0.8, -0.6])
-
-
-def quad_loss(params, batch):
-  w = jnp.concatenate([params["kernel"], params["bias"]]).astype(jnp.float32)
-  d = w[None, :] - batch["c"]
-  return 0.5 * jnp.einsum("bi,ij,bj->b", d, jnp.asarray(A, jnp.float32), d)
-
-
-def quad_params(w=W0, dtype=jnp.float32):
-  return {"kernel": jnp.asarray(w[:2], dtype), "bias": jnp.asarray(w[2:], dtype)}
-
-
-QUAD_BATCH = {"c": jnp.asarray(CENTRES, jnp.float32)}
+Q = helpers.QUADRATIC_3
+A, CENTRES, W0 = Q.a, Q.centres, Q.w0
+quad_loss, quad_params, flat, run = Q.loss, Q.params, Q.flat, Q.run
+QUAD_BATCH = Q.batch
 
 
 def reference(rho, lr, momentum, steps, adaptive=False, eta=0.0):
@@ -49,27 +35,6 @@ def reference(rho, lr, momentum, steps, adaptive=False, eta=0.0):
     m = momentum * m + g_sam
     w = w - lr * m
   return w
-
-
-def run(tx, steps, params=None, batch=QUAD_BATCH, jit=True):
-  params = quad_params() if params is None else params
-  state = tx.init(params)
-
-  def step(params, state):
-    grads = jax.grad(lambda p: quad_loss(p, batch).mean())(params)
-    updates, state = tx.update(grads, state, params, loss_fn=quad_loss,
-                               batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step) if jit else step
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params, state
-
-
-def flat(params):
-  return np.concatenate([np.asarray(params["kernel"], np.float64),
-                         np.asarray(params["bias"], np.float64)])
 
 
 class SamReferenceTest(parameterized.TestCase):
@@ -147,6 +112,62 @@ class SamReferenceTest(parameterized.TestCase):
     chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
     self.assertEqual(float(sj.diagnostics(state)["perturbation_norm"]), 0.0)
     self.assertEqual(float(sj.diagnostics(state)["cosine"]), 0.0)
+
+  def test_applied_perturbation_with_bfloat16_parameters(self):
+    # w + eps is rounded to bfloat16: the parameters move by less than eps.
+    rho = 0.05
+    params = helpers.tiny_params(jnp.bfloat16)
+    batch = helpers.tiny_batch()
+    grads = helpers.clean_grads(params, batch)
+    tx = sj.sam(rho=rho)
+    _, state = helpers.jit_update(tx, grads, tx.init(params), params,
+                                  loss_fn=helpers.loss_fn, batch=batch)
+    d = sj.diagnostics(state)
+    # The reference, in numpy: eps from the float32 gradient, then the
+    # round trip through bfloat16.
+    g = [np.asarray(x, np.float32) for x in jax.tree.leaves(grads)]
+    scale = rho / np.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2))
+                              for x in g))
+    moved = []
+    for w, x in zip(jax.tree.leaves(params), g):
+      w32 = np.asarray(w, np.float32)
+      back = np.asarray(jnp.asarray(w32 + x * scale).astype(jnp.bfloat16),
+                        np.float32)
+      moved.append(back - w32)
+    applied = np.sqrt(sum(float(np.sum(m.astype(np.float64) ** 2))
+                          for m in moved))
+    np.testing.assert_allclose(d["perturbation_norm"], rho, rtol=1e-5)
+    np.testing.assert_allclose(d["applied_perturbation_norm"], applied,
+                               rtol=1e-5)
+    self.assertGreater(abs(float(d["applied_perturbation_norm"]) - rho),
+                       0.01 * rho)
+
+  def test_a_small_perturbation_rounds_away_on_a_large_bfloat16_kernel(self):
+    # Weights in [1, 2) have a bfloat16 spacing of 2**-7; rho = 0.05 spread
+    # over 4096 coordinates is about 1e-3 each: most of it rounds away.
+    kernel = 1.0 + jax.random.uniform(jax.random.key(0), (64, 64))
+    params = {"kernel": kernel.astype(jnp.bfloat16)}
+    batch = {"x": jax.random.normal(jax.random.key(1), (8, 64))}
+    loss_fn = lambda p, b: 0.5 * jnp.sum(
+        (b["x"] @ p["kernel"].astype(jnp.float32)) ** 2, axis=1)
+    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+    tx = sj.sam(rho=0.05)
+    _, state = helpers.jit_update(tx, grads, tx.init(params), params,
+                                  loss_fn=loss_fn, batch=batch)
+    d = sj.diagnostics(state)
+    np.testing.assert_allclose(d["perturbation_norm"], 0.05, rtol=1e-5)
+    self.assertLess(float(d["applied_perturbation_norm"]), 0.025)
+
+  def test_applied_perturbation_is_the_perturbation_in_float32(self):
+    params = quad_params()
+    grads = jax.grad(lambda p: quad_loss(p, QUAD_BATCH).mean())(params)
+    tx = sj.sam(rho=0.1)
+    _, state = helpers.jit_update(tx, grads, tx.init(params), params,
+                                  loss_fn=quad_loss, batch=QUAD_BATCH)
+    d = sj.diagnostics(state)
+    self.assertEqual(float(d["applied_perturbation_norm"]),
+                     float(d["perturbation_norm"]))
+    self.assertEqual(float(d["measured"]), 1.0)
 
   @parameterized.parameters(sj.sam, sj.asam)
   def test_bfloat16_parameters(self, factory):

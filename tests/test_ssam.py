@@ -26,23 +26,9 @@ CENTRES = _RNG.normal(size=(8, 10))
 W0 = _RNG.normal(size=10)
 
 
-def quad_loss(params, batch):
-  w = jnp.concatenate([params["kernel"].ravel(), params["bias"]])
-  d = w[None, :] - batch["c"]
-  return 0.5 * jnp.einsum("bi,ij,bj->b", d, jnp.asarray(A, jnp.float32), d)
-
-
-def quad_params(w=W0):
-  return {"kernel": jnp.asarray(w[:6].reshape(2, 3), jnp.float32),
-          "bias": jnp.asarray(w[6:], jnp.float32)}
-
-
-QUAD_BATCH = {"c": jnp.asarray(CENTRES, jnp.float32)}
-
-
-def flat(tree):
-  return np.concatenate([np.asarray(tree["kernel"], np.float64).ravel(),
-                         np.asarray(tree["bias"], np.float64)])
+Q = helpers.Quadratic(A, CENTRES, W0, kernel_shape=(2, 3))
+quad_loss, quad_params, flat, run = Q.loss, Q.params, Q.flat, Q.run
+QUAD_BATCH = Q.batch
 
 
 def fisher(w, num):
@@ -65,22 +51,6 @@ def reference(rho, sparsity, lr, steps, update_every, num_fisher):
       masks.append(mask.copy())
     w = w - lr * A @ (w + eps - CENTRES.mean(0))
   return w, masks
-
-
-def run(tx, steps, params=None, batch=QUAD_BATCH, loss_fn=quad_loss):
-  params = quad_params() if params is None else params
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
-                               batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params, state
 
 
 class SsamTest(parameterized.TestCase):

@@ -42,6 +42,13 @@ def default_adaptive_mask(path: tuple, leaf: jax.Array) -> bool:
   BatchNorm beta alone. In Flax terms: ``kernel``, ``scale`` and ``embedding``
   are rescaled, ``bias`` is not. Leaves without a name (lists, bare arrays) are
   rescaled when they have two or more dimensions.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sharpjax as sj
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+    ...           "norm": {"scale": jnp.ones(2), "bias": jnp.zeros(2)}}
+    >>> jax.tree_util.tree_map_with_path(sj.default_adaptive_mask, params)
+    {'dense': {'bias': False, 'kernel': True}, 'norm': {'bias': False, 'scale': True}}
   """
   name = _leaf_name(path)
   if name is None:
@@ -67,6 +74,12 @@ def sam_perturbation(
   r"""SAM's ascent step :math:`\epsilon = \rho\, g / \|g\|_2`.
 
   Returns the float32 perturbation and :math:`\|g\|_2`.
+
+  Example:
+    >>> import jax.numpy as jnp, sharpjax as sj
+    >>> eps, norm = sj.sam_perturbation({"w": jnp.array([3.0, 4.0])}, 0.5)
+    >>> eps["w"], norm
+    (Array([0.3, 0.4], dtype=float32), Array(5., dtype=float32))
   """
   grad_norm = base.tree_norm_f32(grads)
   scale = rho * base.safe_inverse(grad_norm)
@@ -85,6 +98,15 @@ def asam_perturbation(
 
   :math:`T = |w| + \eta` on leaves where ``mask`` is True, :math:`T = 1`
   elsewhere. Returns the float32 perturbation and the clean :math:`\|g\|_2`.
+
+  Example:
+    >>> import jax.numpy as jnp, sharpjax as sj
+    >>> grads = {"kernel": jnp.array([1.0, 1.0]), "bias": jnp.array([1.0])}
+    >>> params = {"kernel": jnp.array([2.0, 0.0]), "bias": jnp.array([5.0])}
+    >>> mask = {"kernel": True, "bias": False}  # T = (|w|, |w|, 1), eta = 0
+    >>> eps, norm = sj.asam_perturbation(grads, params, 1.0, 0.0, mask)
+    >>> eps["kernel"], eps["bias"]  # T^2 g / |T g| = (4, 0, 1) / sqrt(5)
+    (Array([1.7888544, 0.       ], dtype=float32), Array([0.4472136], dtype=float32))
   """
 
   def operator(g, w, adaptive):

@@ -19,6 +19,7 @@ from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import example_ids
 from sharpjax._src import perturbed as perturbed_lib
+from sharpjax._src import sharpness_aware as wrapper
 
 
 class AUSAMState(NamedTuple):
@@ -127,21 +128,6 @@ def _batch_ids(batch) -> jax.Array:
   return ids
 
 
-def _clean_pass(loss_fn, params, batch, has_aux):
-  """The sample's own clean forward-backward: mean loss, gradient, losses."""
-  size = perturbed_lib.batch_size(batch)
-
-  def mean_loss(p):
-    losses, _ = perturbed_lib.split_loss_output(
-        loss_fn(p, batch), has_aux, size, "ausam"
-    )
-    losses = losses.astype(jnp.float32)
-    return jnp.mean(losses), losses
-
-  (loss, losses), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-  return perturbed_lib.PerturbedPass(loss, grads, losses, None)
-
-
 def ausam(
     rho: base.ScalarOrSchedule = 0.05,
     keep: float = 0.5,
@@ -151,6 +137,7 @@ def ausam(
     num_examples: int | None = None,
     *,
     seed: int = 0,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Asymptotic Unbiased Sampling SAM (AUSAM).
 
@@ -178,9 +165,15 @@ def ausam(
   :math:`2\alpha` forward-backward passes. AUSAM computes its clean gradient
   on :math:`T`, as the paper does, and does not use the full-batch gradient
   passed to ``update``: when the caller computes that gradient in the same
-  jitted step and uses it for nothing else, XLA removes it as dead code.
-  The score table is updated in place (the written rows depend on the rows
-  read), so a donated state is not copied.
+  jitted step and uses it for nothing else, XLA removes it as dead code (a
+  test checks that the compiled step holds the two passes on :math:`T` and
+  nothing else). In units of a forward pass over the batch (a backward costs
+  about two, SGD 3): :math:`6\alpha` (3 at :math:`\alpha = 0.5`, SGD's
+  cost), plus 1 when the caller keeps its clean forward for its own metrics
+  (1.33x SGD), plus 2 more when it also keeps the clean gradient alive (for
+  example by averaging it across devices before ``update``, or reporting its
+  norm): then the step costs SAM's. The score table is updated in place (the
+  written rows depend on the rows read), so a donated state is not copied.
 
   Differences from the official code (ajiaaa/AUSAM): there is no full-batch
   first epoch to initialise the scores; an example never sampled instead
@@ -208,6 +201,11 @@ def ausam(
     num_examples: size of the data set (required): the score table has one
       row per sample id.
     seed: seed of the sampler's key kept in the state.
+    axis_name: inside ``jax.pmap`` / ``shard_map``, the gradient and the
+      diagnostics are averaged over this axis, as for :func:`sharpjax.sam`;
+      each device samples from its own batch, and every device writes the
+      score rows of all devices (``all_gather``), so the tables stay equal
+      (an id sampled on two devices in one step keeps one device's row).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``, called as
@@ -245,33 +243,23 @@ def ausam(
   base.check_int_like("num_examples", num_examples, low=1)
   base.check_int_like("seed", seed, low=0)
 
-  def init_fn(params):
+  def init_memory(params):
     del params
     n = int(base.static_number("num_examples", num_examples, "ausam"))
-    return AUSAMState(
-        count=jnp.zeros([], jnp.int32),
+    return dict(
         key=base.init_key_data(seed),
         scores=jnp.zeros((n,), jnp.float32),
         visits=jnp.zeros((n,), jnp.int32),
         dropped_ids=jnp.zeros([], jnp.int32),
-        diagnostics=perturbed_lib.init_diagnostics(),
     )
 
-  def update_fn(
-      updates,
-      state,
-      params=None,
-      *,
-      loss_fn=None,
-      batch=None,
-      has_aux: bool = False,
-      value=None,
-      **extra_args,
-  ):
+  def step(inputs):
     # The incoming full-batch gradient is not used: AUSAM's clean gradient is
     # that of the sample (see the docstring).
-    del extra_args, value
-    perturbed_lib.require_extra_args("ausam", params, loss_fn, batch)
+    params, loss_fn, batch = inputs.params, inputs.loss_fn, inputs.batch
+    has_aux = inputs.has_aux
+    # The state as a NamedTuple (the wrapper keeps count and diagnostics).
+    state = AUSAMState(count=inputs.count, diagnostics=None, **inputs.memory)
     fraction = base.static_number("keep", keep, "ausam")
     ids = _batch_ids(batch)
     size = perturbed_lib.batch_size(batch)
@@ -295,9 +283,11 @@ def ausam(
       sample = sample_without_replacement(key, p, k)
       sub_batch = perturbed_lib.take_examples(batch, sample)
 
-    clean = _clean_pass(loss_fn, params, sub_batch, has_aux)
+    clean = perturbed_lib.gradient_pass(
+        loss_fn, params, sub_batch, has_aux=has_aux, name="ausam"
+    )
     eps, grad_norm = ascent.sam_perturbation(
-        clean.grads, base.resolve(rho, state.count)
+        clean.grads, base.resolve_radius(rho, state.count)
     )
     result = perturbed_lib.perturbed_pass(
         loss_fn, params, eps, sub_batch, has_aux=has_aux, name="ausam"
@@ -312,17 +302,35 @@ def ausam(
     new_visits = old_visits + 1
     new_scores = (old_scores * old_visits + change) / new_visits
     target = safe_ids[sample]
+    if axis_name is not None:
+      # Every device writes every device's rows, so the tables stay equal.
+      target, new_scores, new_visits = jax.lax.all_gather(
+          (target, new_scores, new_visits), axis_name, tiled=True
+      )
+    # The state this step leads to; the wrapper advances count and stores the
+    # diagnostics, the other fields are the step's memory.
     new_state = AUSAMState(
-        count=optax.safe_increment(state.count),
+        count=inputs.count,
         key=new_key,
         scores=state.scores.at[target].set(new_scores, mode="drop"),
         visits=state.visits.at[target].set(new_visits, mode="drop"),
         dropped_ids=state.dropped_ids + jnp.sum(~valid, dtype=jnp.int32),
         diagnostics=perturbed_lib.diagnostics_of(
-            clean.grads, eps, result.grads, result.loss,
+            clean.grads, eps, result.grads, result.loss, params=params,
             grad_norm=grad_norm, clean_loss=clean.loss,
         ),
     )
-    return base.tree_cast_like(result.grads, updates), new_state
+    if axis_name is not None:
+      # Every device counts the dropped ids of all devices.
+      new_state = new_state._replace(dropped_ids=state.dropped_ids + (
+          jax.lax.psum(new_state.dropped_ids - state.dropped_ids, axis_name)))
+    return wrapper.Step(result.grads, new_state.diagnostics,
+                        wrapper.memory_of(new_state))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return wrapper.sharpness_aware(
+      step,
+      name="ausam",
+      axis_name=axis_name,
+      init_memory=init_memory,
+      state_type=AUSAMState,
+  )

@@ -27,12 +27,17 @@ def _concrete_float(value: Any) -> float | None:
 
   Schedules and traced values (``optax.inject_hyperparams`` builds the
   transformation again inside ``update`` with traced hyper-parameters) are not
-  checked: there is nothing concrete to check.
+  checked: there is nothing concrete to check. Strings are refused although
+  ``float`` would parse them: a number given as text is a mistake upstream.
   """
   if callable(value):
     return None
   if isinstance(value, jax.core.Tracer):
     return None
+  if isinstance(value, (str, bytes)):
+    raise TypeError(
+        f"expected a number or an optax schedule, got the string {value!r}"
+    )
   try:
     return float(value)
   except (TypeError, ValueError):
@@ -50,14 +55,18 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-  """Raises ``ValueError`` naming ``name`` if ``value`` is outside the range."""
+  """Raises ``ValueError`` naming ``name`` if ``value`` is outside the range.
+
+  NaN and infinities are outside every range; a string or another non-number
+  raises ``TypeError`` naming ``name``.
+  """
   try:
     v = _concrete_float(value)
   except TypeError as e:
     raise TypeError(f"{name}: {e}") from None
   if v is None:
     return
-  ok = not math.isnan(v)
+  ok = math.isfinite(v)
   if ok and low is not None:
     ok = v >= low if low_inclusive else v > low
   if ok and high is not None:
@@ -67,7 +76,8 @@ def check_range(
     hi = "inf" if high is None else repr(high)
     lb = "[" if low_inclusive and low is not None else "("
     hb = "]" if high_inclusive and high is not None else ")"
-    raise ValueError(f"{name} must be in {lb}{lo}, {hi}{hb}, got {v!r}.")
+    finite = "" if math.isfinite(v) else "a finite number "
+    raise ValueError(f"{name} must be {finite}in {lb}{lo}, {hi}{hb}, got {v!r}.")
 
 
 def check_int(name: str, value: Any, *, low: int) -> int:
@@ -88,6 +98,17 @@ def resolve(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return jnp.asarray(value, jnp.float32)
 
 
+def resolve_radius(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  """A radius (or any hyper-parameter >= 0) at step ``count``, clipped at 0.
+
+  A number is checked when the transformation is built; a schedule or an
+  injected value is only known inside the step, where a negative value would
+  silently flip the ascent into a descent. It is clipped to 0 there (no
+  perturbation), which a step cannot refuse without waiting on the device.
+  """
+  return jnp.maximum(resolve(rho, count), 0.0)
+
+
 # ---------------------------------------------------------------------------
 # Float32 tree reductions.
 # ---------------------------------------------------------------------------
@@ -106,20 +127,28 @@ def tree_vdot_f32(a: Any, b: Any) -> jax.Array:
 def tree_inner_products(*pairs: tuple[Any, Any]) -> jax.Array:
   """Several float32 inner products of pytree pairs, in one pass per leaf.
 
-  Returns a vector ``[<a_1, b_1>, ..., <a_k, b_k>]``. The products of a leaf
-  are stacked and reduced together, one reduction per leaf for all ``k``
-  (separate reductions cost a kernel launch each on small models).
+  Returns a vector ``[<a_1, b_1>, ..., <a_k, b_k>]``. The ``k`` products of a
+  leaf are summed by one variadic reduction, which XLA fuses with the
+  multiplications: one kernel per leaf reads each input once, and no stacked
+  copy of the products is written (separate reductions cost a kernel launch
+  each on small models; a stack of the products costs a write and a read of
+  ``k`` leaf-sized arrays).
   """
   leaves = [jax.tree.leaves(t) for pair in pairs for t in pair]
-  total = jnp.zeros((len(pairs),), jnp.float32)
+  k = len(pairs)
+  total = [jnp.zeros((), jnp.float32)] * k
   for per_leaf in zip(*leaves):
-    products = jnp.stack([
-        per_leaf[2 * k].astype(jnp.float32)
-        * per_leaf[2 * k + 1].astype(jnp.float32)
-        for k in range(len(pairs))
-    ])
-    total = total + jnp.sum(products.reshape(len(pairs), -1), axis=1)
-  return total
+    products = tuple(
+        (per_leaf[2 * i].astype(jnp.float32)
+         * per_leaf[2 * i + 1].astype(jnp.float32)).reshape(-1)
+        for i in range(k)
+    )
+    sums = jax.lax.reduce(
+        products, (jnp.float32(0),) * k,
+        lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)), (0,),
+    )
+    total = [t + s for t, s in zip(total, sums)]
+  return jnp.stack(total)
 
 
 def tree_norm_f32(a: Any) -> jax.Array:

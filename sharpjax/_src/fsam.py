@@ -3,7 +3,7 @@ r"""F-SAM: friendly SAM, which perturbs along the batch-specific noise.
 A minibatch gradient is the full gradient plus batch-specific noise. F-SAM
 estimates the full-gradient part with an EMA of past clean gradients and
 removes it before normalising, keeping the part of the perturbation that helps
-generalisation. On the shared mechanism it is a SAM ascent step on
+generalisation. On :func:`sharpjax.sharpness_aware` its step is SAM's on
 :math:`g - \sigma m`, with the EMA :math:`m` kept as memory in the state.
 """
 
@@ -18,7 +18,7 @@ import optax
 from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import perturbed as perturbed_lib
-from sharpjax._src import sam as sam_lib
+from sharpjax._src import sharpness_aware as wrapper
 
 
 class FSAMState(NamedTuple):
@@ -98,30 +98,30 @@ def fsam(
             decay * m + (1.0 - decay) * g.astype(jnp.float32)),
         grads, ema)
 
-  def perturbation_fn(grads, params, count, memory):
-    del params
-    ema = memory["ema"]
-    if ema_first:
-      ema = next_ema(grads, ema, count)
+  def step(inputs):
+    grads, count = inputs.grads, inputs.count
+    ema = new_ema = next_ema(grads, inputs.memory["ema"], count)
+    if not ema_first:
+      ema = inputs.memory["ema"]
     s = jnp.where(count == 0, 0.0, base.resolve(sigma, count))
     direction = jax.tree.map(
         lambda g, m: g.astype(jnp.float32) - s * m, grads, ema
     )
-    eps, _ = ascent.sam_perturbation(direction, base.resolve(rho, count))
-    return eps, base.tree_norm_f32(grads)
-
-  def descent_fn(clean, perturbed, count, memory):
-    return perturbed, {"ema": next_ema(clean, memory["ema"], count)}
+    eps, _ = ascent.sam_perturbation(
+        direction, base.resolve_radius(rho, count)
+    )
+    out = inputs.ascend(eps)
+    # Per-device clean gradients give per-device EMAs: keep one.
+    return out._replace(memory={"ema": inputs.mean_over_devices(new_ema)})
 
   def init_memory(params):
     return {"ema": jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
                                 params)}
 
-  return sam_lib.sharpness_aware(
-      perturbation_fn,
+  return wrapper.sharpness_aware(
+      step,
       name="fsam",
       axis_name=axis_name,
-      descent_fn=descent_fn,
       init_memory=init_memory,
       state_type=FSAMState,
   )

@@ -4,8 +4,8 @@ SAM descends on the perturbed loss :math:`f_p(w) = \max_{\|\epsilon\| \le
 \rho} f(w + \epsilon)`. GSAM also shrinks the surrogate gap :math:`h = f_p -
 f`, by ascending on the clean loss :math:`f` only in the direction orthogonal
 to :math:`\nabla f_p`, which leaves :math:`f_p` unchanged to first order. On
-the shared mechanism it is SAM's ascent step plus a descent hook that sees both
-gradients.
+:func:`sharpjax.sharpness_aware` its step is SAM's, with the direction
+combined from both gradients.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sharpjax._src import ascent
 from sharpjax._src import base
-from sharpjax._src import sam as sam_lib
+from sharpjax._src import sharpness_aware as wrapper
 
 
 def gsam(
@@ -67,7 +68,7 @@ def gsam(
     >>> import optax, sharpjax as sj
     >>> lr = optax.linear_schedule(0.1, 0.001, 1000)
     >>> rho = sj.gsam_rho_schedule(lr, rho_max=0.05, rho_min=0.01,
-    ...                            lr_max=0.1, lr_min=0.001)
+    ...                            num_steps=1000)
     >>> tx = optax.chain(sj.gsam(rho=rho, alpha=0.1), optax.sgd(lr))
 
   References:
@@ -77,11 +78,14 @@ def gsam(
   base.check_range("rho", rho, low=0.0)
   base.check_range("alpha", alpha, low=0.0)
 
-  def perturbation_fn(grads, params, count):
-    del params
-    return ascent.sam_perturbation(grads, base.resolve(rho, count))
-
-  def descent_fn(clean, perturbed, count, memory):
+  def step(inputs):
+    clean, count = inputs.grads, inputs.count
+    eps, grad_norm = ascent.sam_perturbation(
+        clean, base.resolve_radius(rho, count)
+    )
+    out = inputs.ascend(eps, grad_norm=grad_norm)
+    # The combination sees the whole batch's perturbed gradient.
+    perturbed = inputs.mean_over_devices(out.direction)
     a = base.resolve(alpha, count)
     if minimize_fp:
       start, residual = perturbed, base.tree_orthogonal(clean, perturbed)
@@ -91,11 +95,9 @@ def gsam(
     direction = jax.tree.map(
         lambda s, r: s.astype(jnp.float32) + a * r, start, residual
     )
-    return direction, memory
+    return out._replace(direction=direction)
 
-  return sam_lib.sharpness_aware(
-      perturbation_fn, name="gsam", axis_name=axis_name, descent_fn=descent_fn
-  )
+  return wrapper.sharpness_aware(step, name="gsam", axis_name=axis_name)
 
 
 def gsam_rho_schedule(
@@ -103,41 +105,77 @@ def gsam_rho_schedule(
     *,
     rho_max: float,
     rho_min: float,
-    lr_max: float,
-    lr_min: float,
+    lr_max: Optional[float] = None,
+    lr_min: Optional[float] = None,
+    num_steps: Optional[int] = None,
 ) -> optax.Schedule:
   r"""GSAM's radius, tied linearly to the learning-rate schedule.
 
   .. math::
-    \rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
-      \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}},
+    \rho_t = \mathrm{clip}\Big(\rho_{min} + (\rho_{max} - \rho_{min})
+      \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}},\;
+      \rho_{min}, \rho_{max}\Big),
 
-  as in the official code (big_vision ``gsam_gradient``). The schedule is
-  evaluated at GSAM's own step count, which moves with the base optimizer's
-  (both count ``update`` calls).
+  as in the official code (big_vision ``gsam_gradient``), clipped to
+  :math:`[\rho_{min}, \rho_{max}]` so that a learning rate outside
+  :math:`[\eta_{min}, \eta_{max}]` (a warm-up that starts below
+  :math:`\eta_{min}`) never gives a radius outside that range, nor a
+  negative one. The schedule is evaluated at GSAM's own step count, which
+  moves with the base optimizer's (both count ``update`` calls).
+
+  :math:`\eta_{max}` and :math:`\eta_{min}` are the largest and the smallest
+  learning rate of the run. Pass them, or pass ``num_steps`` and leave them
+  out: the schedule is then evaluated once, here, at every step
+  ``0 .. num_steps`` and its maximum and minimum are used.
 
   Args:
     learning_rate: the base optimizer's learning-rate schedule.
     rho_max: radius at ``lr_max`` (>= 0).
     rho_min: radius at ``lr_min`` (>= 0).
-    lr_max: the largest learning rate of the schedule.
-    lr_min: the smallest (must differ from ``lr_max``).
+    lr_max: the largest learning rate of the schedule; default: derived.
+    lr_min: the smallest (must differ from ``lr_max``); default: derived.
+    num_steps: the length of the run, to derive ``lr_max`` / ``lr_min`` when
+      they are not given.
 
   Returns:
     An optax schedule for ``gsam(rho=...)``.
+
+  Example:
+    >>> import optax, sharpjax as sj
+    >>> lr = optax.warmup_cosine_decay_schedule(
+    ...     0.0, 0.1, warmup_steps=100, decay_steps=1000, end_value=0.001)
+    >>> rho = sj.gsam_rho_schedule(lr, rho_max=0.05, rho_min=0.01,
+    ...                            num_steps=1000)
+    >>> [round(float(rho(t)), 4) for t in (0, 100, 1000)]
+    [0.01, 0.05, 0.01]
   """
   base.check_range("rho_max", rho_max, low=0.0)
   base.check_range("rho_min", rho_min, low=0.0)
+  if not callable(learning_rate):
+    raise TypeError("learning_rate must be an optax schedule (a callable).")
+  if lr_max is None or lr_min is None:
+    if num_steps is None:
+      raise ValueError(
+          "gsam_rho_schedule: pass lr_max and lr_min, or num_steps (the "
+          "length of the run) to take them from the schedule."
+      )
+    num_steps = base.check_int("num_steps", num_steps, low=1)
+    rates = np.asarray(
+        jax.vmap(learning_rate)(jnp.arange(num_steps + 1)), np.float64
+    )
+    lr_max = float(rates.max()) if lr_max is None else lr_max
+    lr_min = float(rates.min()) if lr_min is None else lr_min
+  base.check_range("lr_max", lr_max)
+  base.check_range("lr_min", lr_min)
   if float(lr_max) == float(lr_min):
     raise ValueError(
         f"lr_max and lr_min must differ, got {lr_max!r} and {lr_min!r}."
     )
-  if not callable(learning_rate):
-    raise TypeError("learning_rate must be an optax schedule (a callable).")
+  low, high = sorted((float(rho_min), float(rho_max)))
 
   def schedule(count):
     lr = jnp.asarray(learning_rate(count), jnp.float32)
     frac = (lr - lr_min) / (lr_max - lr_min)
-    return rho_min + (rho_max - rho_min) * frac
+    return jnp.clip(rho_min + (rho_max - rho_min) * frac, low, high)
 
   return schedule

@@ -19,28 +19,70 @@ LossFn = Callable[..., Any]
 
 
 class Diagnostics(NamedTuple):
-  """What the last SAM-family step saw (all float32 scalars).
+  r"""What the last SAM-family step saw (all float32 scalars).
 
   Attributes:
     grad_norm: global L2 norm of the clean gradient.
-    perturbation_norm: global L2 norm of the perturbation.
+    perturbation_norm: global L2 norm of the perturbation :math:`\epsilon`
+      the method computed (in float32).
+    applied_perturbation_norm: global L2 norm of the perturbation the
+      parameters actually moved by, :math:`\|\mathrm{cast}(w + \epsilon) -
+      w\|_2` in float32. It equals ``perturbation_norm`` when every
+      parameter is float32 (or wider); with bfloat16 or float16 parameters
+      :math:`w + \epsilon` is rounded to the parameter dtype and most of a
+      small :math:`\epsilon` can vanish (a 2048 x 2048 bfloat16 kernel with
+      :math:`\rho = 0.05` kept a quarter of its coordinates' perturbation),
+      which this field shows. Keep float32 parameters (and compute in
+      bfloat16 inside the model) when it is much smaller than
+      ``perturbation_norm``.
     clean_loss: mean loss at the clean parameters, as passed in ``value=``
       (optax's convention for the loss of the current step); NaN when the
       caller did not pass it, since the transformation never evaluates it.
     perturbed_loss: mean loss at the perturbed parameters.
     cosine: cosine between the clean and the perturbed gradient.
+    measured: 1.0 when this step took the perturbed pass, 0.0 when it did not
+      (LookSAM's reuse steps). On an unmeasured step the perturbation norms,
+      ``perturbed_loss`` and ``cosine`` are 0 (not measured, never NaN):
+      to average them over a logging interval, weight each step by
+      ``measured`` (``sum(x * measured) / sum(measured)``).
   """
 
   grad_norm: jax.Array
   perturbation_norm: jax.Array
+  applied_perturbation_norm: jax.Array
   clean_loss: jax.Array
   perturbed_loss: jax.Array
   cosine: jax.Array
+  measured: jax.Array
 
 
 def init_diagnostics() -> Diagnostics:
   zero = jnp.zeros((), jnp.float32)
-  return Diagnostics(zero, zero, zero, zero, zero)
+  return Diagnostics(*([zero] * len(Diagnostics._fields)))
+
+
+def unmeasured_diagnostics(clean_grads: Any, clean_loss: Any) -> Diagnostics:
+  """The record of a step that took no perturbed pass (``measured`` = 0).
+
+  The clean gradient norm and the clean loss are known; what the perturbed
+  pass would have measured is 0.
+  """
+  zero = jnp.zeros((), jnp.float32)
+  return Diagnostics(
+      grad_norm=base.tree_norm_f32(clean_grads),
+      perturbation_norm=zero,
+      applied_perturbation_norm=zero,
+      clean_loss=_clean_loss(clean_loss),
+      perturbed_loss=zero,
+      cosine=zero,
+      measured=zero,
+  )
+
+
+def _clean_loss(value: Any) -> jax.Array:
+  if value is None:
+    return jnp.full((), jnp.nan, jnp.float32)
+  return jnp.asarray(value, jnp.float32).reshape(())
 
 
 class PerturbedPass(NamedTuple):
@@ -111,6 +153,15 @@ def split_loss_output(out: Any, has_aux: bool, size: int, name: str):
   return losses, aux
 
 
+def add_perturbation(params: Any, perturbation: Any) -> Any:
+  """``params + perturbation``, added in float32 and cast back per leaf."""
+  return jax.tree.map(
+      lambda w, e: (w.astype(jnp.float32) + e).astype(w.dtype),
+      params,
+      perturbation,
+  )
+
+
 def perturbed_pass(
     loss_fn: LossFn,
     params: Any,
@@ -120,17 +171,43 @@ def perturbed_pass(
     has_aux: bool = False,
     name: str = "sam",
 ) -> PerturbedPass:
-  """Gradient of the mean of ``loss_fn`` at ``params + perturbation``.
+  r"""Gradient of the mean of ``loss_fn`` at ``params + perturbation``.
 
-  The perturbation is added in float32 and the sum cast back to each
-  parameter's dtype.
+  The second pass of the SAM family: :math:`\nabla_w \frac{1}{|B|}\sum_i
+  \ell_i(w)\big|_{w+\epsilon}`. The perturbation is added in float32 and the
+  sum cast back to each parameter's dtype (so with bfloat16 parameters part
+  of a small perturbation rounds away: see
+  :attr:`Diagnostics.applied_perturbation_norm`).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` returning per-example losses of shape
+      ``[B]`` (or ``(losses, aux)`` with ``has_aux=True``).
+    params: the clean parameters.
+    perturbation: a pytree shaped like ``params`` (float32 or any float).
+    batch: a pytree whose leaves share the leading batch axis.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    name: the transformation's name, used in error messages.
+
+  Returns:
+    A :class:`PerturbedPass`: the mean loss (float32), the gradient (in the
+    parameters' dtypes), the per-example losses and the aux.
+
+  Example:
+    >>> import jax.numpy as jnp, sharpjax as sj
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> batch = {"x": jnp.eye(2)}
+    >>> loss_fn = lambda p, b: 0.5 * (b["x"] @ p["w"]) ** 2
+    >>> out = sj.perturbed_pass(loss_fn, params, {"w": jnp.array([0.5, 0.0])},
+    ...                         batch)
+    >>> out.losses  # at w + eps = [1.5, -2]
+    Array([1.125, 2.   ], dtype=float32)
+    >>> out.grads["w"]  # the gradient of the mean: (w + eps) / 2
+    Array([ 0.75, -1.  ], dtype=float32)
   """
-  perturbed = jax.tree.map(
-      lambda w, e: (w.astype(jnp.float32) + e).astype(w.dtype),
-      params,
-      perturbation,
+  return gradient_pass(
+      loss_fn, add_perturbation(params, perturbation), batch,
+      has_aux=has_aux, name=name,
   )
-  return gradient_pass(loss_fn, perturbed, batch, has_aux=has_aux, name=name)
 
 
 def gradient_pass(
@@ -144,8 +221,8 @@ def gradient_pass(
   """Gradient of the mean of ``loss_fn`` at ``params`` (one forward-backward).
 
   The pass :func:`perturbed_pass` runs after moving the parameters; variants
-  that need clean gradients of their own (for example one per chunk of the
-  batch) call it directly.
+  that need clean gradients of their own (one per chunk of the batch, or of a
+  sample of it) call it directly.
   """
   size = batch_size(batch)
 
@@ -159,23 +236,29 @@ def gradient_pass(
   return PerturbedPass(loss, grads, losses, aux)
 
 
-def split_batch(batch: Any, num_chunks: int, *, name: str = "sam") -> Any:
-  """Splits ``batch`` into chunks: leaves [B, ...] become [num_chunks, m, ...].
+def _is_narrow_float(x: Any) -> bool:
+  dtype = jnp.asarray(x).dtype
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
-  ``m = B / num_chunks``; the chunks are consecutive slices of the batch.
 
-  Raises a clear error at trace time when ``num_chunks`` does not divide B.
+def applied_perturbation(params: Any, perturbation: Any) -> Any | None:
+  """What the parameters actually move by, or None when it is ``perturbation``.
+
+  ``cast(w + eps) - w`` in float32 for bfloat16 / float16 leaves, ``eps``
+  itself for float32 and wider ones. None (a static answer, from the dtypes
+  only) when every leaf is float32 or wider: then nothing rounds away and no
+  work is done.
   """
-  size = batch_size(batch)
-  if size % num_chunks:
-    raise ValueError(
-        f"sharpjax.{name}: the batch size {size} is not divisible by "
-        f"num_chunks={num_chunks}."
-    )
-  return jax.tree.map(
-      lambda x: x.reshape((num_chunks, size // num_chunks) + x.shape[1:]),
-      batch,
-  )
+  if not any(_is_narrow_float(w) for w in jax.tree.leaves(params)):
+    return None
+
+  def moved(w, e):
+    if not _is_narrow_float(w):
+      return e
+    w32 = w.astype(jnp.float32)
+    return (w32 + e).astype(w.dtype).astype(jnp.float32) - w32
+
+  return jax.tree.map(moved, params, perturbation)
 
 
 def diagnostics_of(
@@ -184,39 +267,57 @@ def diagnostics_of(
     perturbed_grads: Any,
     perturbed_loss: jax.Array,
     *,
+    params: Any = None,
     grad_norm: jax.Array | None = None,
     clean_loss: Any = None,
     perturbation_norm: jax.Array | None = None,
+    applied_perturbation_norm: jax.Array | None = None,
 ) -> Diagnostics:
   """Builds the diagnostics record from values the step already has.
 
-  ``perturbation_norm``, when given, is recorded instead of the norm of
-  ``perturbation`` (which may then be None): variants with several
-  perturbations per step report their mean norm.
+  ``params`` (the clean parameters) gives the applied perturbation norm; it
+  costs nothing when every parameter is float32. ``perturbation_norm`` and
+  ``applied_perturbation_norm``, when given, are recorded instead of the norms
+  of ``perturbation`` (which may then be None): variants with several
+  perturbations per step report their mean norms.
   """
   pairs = [(clean_grads, perturbed_grads), (perturbed_grads, perturbed_grads)]
+  slots = {}
   if perturbation_norm is None:
+    slots["perturbation"] = len(pairs)
     pairs.append((perturbation, perturbation))
+  if applied_perturbation_norm is None and params is not None:
+    applied = applied_perturbation(params, perturbation)
+    if applied is not None:
+      slots["applied"] = len(pairs)
+      pairs.append((applied, applied))
   if grad_norm is None:
+    slots["grad"] = len(pairs)
     pairs.append((clean_grads, clean_grads))
   products = base.tree_inner_products(*pairs)
   if grad_norm is None:
-    grad_norm = jnp.sqrt(products[-1])
+    grad_norm = jnp.sqrt(products[slots["grad"]])
   if perturbation_norm is None:
-    perturbation_norm = jnp.sqrt(products[2])
+    perturbation_norm = jnp.sqrt(products[slots["perturbation"]])
+  if applied_perturbation_norm is None:
+    applied_perturbation_norm = (
+        jnp.sqrt(products[slots["applied"]]) if "applied" in slots
+        else perturbation_norm
+    )
   cosine = (
       products[0]
       * base.safe_inverse(grad_norm)
       * base.safe_inverse(jnp.sqrt(products[1]))
   )
-  if clean_loss is None:
-    clean_loss = jnp.nan
   return Diagnostics(
       grad_norm=jnp.asarray(grad_norm, jnp.float32),
       perturbation_norm=jnp.asarray(perturbation_norm, jnp.float32),
-      clean_loss=jnp.asarray(clean_loss, jnp.float32).reshape(()),
+      applied_perturbation_norm=jnp.asarray(applied_perturbation_norm,
+                                            jnp.float32),
+      clean_loss=_clean_loss(clean_loss),
       perturbed_loss=jnp.asarray(perturbed_loss, jnp.float32),
       cosine=cosine,
+      measured=jnp.ones((), jnp.float32),
   )
 
 
@@ -228,15 +329,6 @@ def take_examples(batch: Any, indices: jax.Array) -> Any:
   Indices must be in range (they come from ``lax.top_k`` or a sampler).
   """
   return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
-
-
-def add_perturbation(params: Any, perturbation: Any) -> Any:
-  """``params + perturbation``, added in float32 and cast back per leaf."""
-  return jax.tree.map(
-      lambda w, e: (w.astype(jnp.float32) + e).astype(w.dtype),
-      params,
-      perturbation,
-  )
 
 
 def per_example_losses(

@@ -3,10 +3,10 @@ r"""SAGM: sharpness-aware gradient matching.
 SAGM minimises the clean loss, the perturbed loss and the gap between them
 together. Its ascent step is SAM's shortened by a small step along the
 gradient, and the direction it hands on is the mean of the clean and the
-perturbed gradient. On the shared mechanism it is an ascent step plus a
-descent hook that sees both gradients, like GSAM. It is the flatness objective
-of the domain-generalisation baseline (LSQ + SAGM) that GAQAT builds on; see
-:mod:`sharpjax.quant`.
+perturbed gradient. On :func:`sharpjax.sharpness_aware` its step is an ascent
+step and a direction combined from both gradients, like GSAM's. It is the
+flatness objective of the domain-generalisation baseline (LSQ + SAGM) that
+GAQAT builds on; see :mod:`sharpjax.quant`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from sharpjax._src import base
-from sharpjax._src import sam as sam_lib
+from sharpjax._src import sharpness_aware as wrapper
 
 
 def sagm_perturbation(grads, rho: jax.Array, alpha: jax.Array):
@@ -80,20 +80,16 @@ def sagm(
   base.check_range("rho", rho, low=0.0)
   base.check_range("alpha", alpha, low=0.0)
 
-  def perturbation_fn(grads, params, count):
-    del params
-    return sagm_perturbation(
-        grads, base.resolve(rho, count), base.resolve(alpha, count)
+  def step(inputs):
+    clean, count = inputs.grads, inputs.count
+    eps, grad_norm = sagm_perturbation(
+        clean, base.resolve_radius(rho, count), base.resolve(alpha, count)
     )
-
-  def descent_fn(clean, perturbed, count, memory):
-    del count
+    out = inputs.ascend(eps, grad_norm=grad_norm)
     direction = jax.tree.map(
         lambda g, p: 0.5 * (g.astype(jnp.float32) + p.astype(jnp.float32)),
-        clean, perturbed,
+        clean, out.direction,
     )
-    return direction, memory
+    return out._replace(direction=direction)
 
-  return sam_lib.sharpness_aware(
-      perturbation_fn, name="sagm", axis_name=axis_name, descent_fn=descent_fn
-  )
+  return wrapper.sharpness_aware(step, name="sagm", axis_name=axis_name)

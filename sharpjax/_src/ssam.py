@@ -23,6 +23,7 @@ import optax
 from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import perturbed as perturbed_lib
+from sharpjax._src import sharpness_aware as wrapper
 
 _MASKS = ("fisher", "random")
 
@@ -225,7 +226,7 @@ def ssam(
   base.check_int_like("seed", seed, low=0)
   dense = not base.is_traced(sparsity) and float(sparsity) == 0.0
 
-  def init_fn(params):
+  def init_memory(params):
     key = base.init_key_data(seed)
     if dense:
       start = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
@@ -233,67 +234,43 @@ def ssam(
       start = random_mask(jax.random.wrap_key_data(key), params, sparsity)
     else:  # The official SSAM-F starts with an empty mask.
       start = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bool), params)
-    return SSAMState(
-        count=jnp.zeros([], jnp.int32),
-        mask=start,
-        key=key,
-        diagnostics=perturbed_lib.init_diagnostics(),
-    )
+    return {"mask": start, "key": key}
 
-  def update_fn(
-      updates,
-      state,
-      params=None,
-      *,
-      loss_fn=None,
-      batch=None,
-      has_aux: bool = False,
-      value=None,
-      **extra_args,
-  ):
-    del extra_args
-    perturbed_lib.require_extra_args("ssam", params, loss_fn, batch)
+  def step(inputs):
+    params, batch, count = inputs.params, inputs.batch, inputs.count
     num_samples = int(
         base.static_number("num_fisher_samples", num_fisher_samples, "ssam")
     )
-    new_key, key = base.next_key(state.key)
-    r = base.resolve(rho, state.count)
+    new_key, key = base.next_key(inputs.memory["key"])
+    old_mask = inputs.memory["mask"]
 
-    eps, grad_norm = ascent.sam_perturbation(updates, r)
-    eps = jax.tree.map(lambda e, m: jnp.where(m, e, 0.0), eps, state.mask)
-    result = perturbed_lib.perturbed_pass(
-        loss_fn, params, eps, batch, has_aux=has_aux, name="ssam"
+    eps, grad_norm = ascent.sam_perturbation(
+        inputs.grads, base.resolve_radius(rho, count)
     )
-    diagnostics = perturbed_lib.diagnostics_of(
-        updates, eps, result.grads, result.loss,
-        grad_norm=grad_norm, clean_loss=value,
-    )
+    eps = jax.tree.map(lambda e, m: jnp.where(m, e, 0.0), eps, old_mask)
+    out = inputs.ascend(eps, grad_norm=grad_norm)
 
     def refresh(_):
       if mask == "random":
         return random_mask(key, params, sparsity)
       size = perturbed_lib.batch_size(batch)
       head = jax.tree.map(lambda x: x[:min(num_samples, size)], batch)
-      fisher = fisher_diagonal(loss_fn, params, head, has_aux=has_aux)
-      if axis_name is not None:
-        fisher = jax.lax.pmean(fisher, axis_name)
-      return top_mask(fisher, sparsity)
+      fisher = fisher_diagonal(inputs.loss_fn, params, head,
+                               has_aux=inputs.has_aux)
+      # Every device keeps the same mask.
+      return top_mask(inputs.mean_over_devices(fisher), sparsity)
 
     if dense:
-      new_mask = state.mask
+      new_mask = old_mask
     else:
-      due = state.count % jnp.asarray(update_every, jnp.int32) == 0
-      new_mask = jax.lax.cond(due, refresh, lambda _: state.mask, None)
+      due = count % jnp.asarray(update_every, jnp.int32) == 0
+      new_mask = jax.lax.cond(due, refresh, lambda _: old_mask, None)
+    return out._replace(memory={"mask": new_mask, "key": new_key})
 
-    grads = result.grads
-    if axis_name is not None:
-      grads, diagnostics = jax.lax.pmean((grads, diagnostics), axis_name)
-    new_state = SSAMState(
-        count=optax.safe_increment(state.count),
-        mask=new_mask,
-        key=new_key,
-        diagnostics=diagnostics,
-    )
-    return base.tree_cast_like(grads, updates), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return wrapper.sharpness_aware(
+      step,
+      name="ssam",
+      axis_name=axis_name,
+      init_memory=init_memory,
+      state_type=SSAMState,
+  )
