@@ -9,6 +9,7 @@ through a coordinator on a loopback address::
   python -m sharpjax.launch --num-processes 2 --devices-per-process 2 \
       -- -m my_package.train --epochs 3
   python -m sharpjax.launch -n 2 -d 2 -- train.py --epochs 3
+  python -m sharpjax.launch -n 2 -d 2 -- sharpjax train --method saf
 
 Each worker calls :func:`initialize` (``jax.distributed.initialize`` with
 bounded heartbeat and initialization timeouts, gloo collectives on CPU) and
@@ -36,6 +37,7 @@ import argparse
 import os
 import re
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,7 +131,8 @@ def launch(
   """Runs ``command`` in ``num_processes`` connected CPU processes; waits.
 
   Args:
-    command: ``["-m", "module", *args]`` or ``["script.py", *args]``.
+    command: ``["-m", "module", *args]``, ``["script.py", *args]`` or a
+      console script on the ``PATH`` (``["sharpjax", "train", ...]``).
     num_processes: processes to start (>= 1).
     devices_per_process: host CPU devices of each process
       (``--xla_force_host_platform_device_count``).
@@ -265,9 +268,20 @@ def _run_worker(command: list[str]) -> None:
       sys.argv = [command[1], *command[2:]]
       runpy.run_module(command[1], run_name="__main__", alter_sys=True)
     else:
-      sys.argv = list(command)
-      sys.path.insert(0, os.path.dirname(os.path.abspath(command[0])))
-      runpy.run_path(command[0], run_name="__main__")
+      script = command[0]
+      if not os.path.exists(script):
+        # A console script (sharpjax train ...): on the PATH, or installed
+        # beside this Python.
+        found = shutil.which(script, path=os.pathsep.join(
+            [os.environ.get("PATH", ""), os.path.dirname(sys.executable)]))
+        if found is None:
+          raise FileNotFoundError(
+              f"launch: {script!r} is neither a file nor a command on the "
+              "PATH or beside this Python.")
+        script = found
+      sys.argv = [script, *command[1:]]
+      sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+      runpy.run_path(script, run_name="__main__")
   except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if code:
@@ -300,7 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       prog="python -m sharpjax.launch",
       description="Run a JAX program in N connected CPU processes on this "
       "machine (loopback coordinator).",
-      epilog="The command follows '--': '-m module args' or 'script.py args'.")
+      epilog="The command follows '--': '-m module args', 'script.py args' or a "
+      "console script ('sharpjax train ...').")
   parser.add_argument("-n", "--num-processes", type=int, default=2)
   parser.add_argument("-d", "--devices-per-process", type=int, default=1)
   parser.add_argument("--timeout", type=float, default=None,

@@ -138,3 +138,20 @@ def test_overhead_table_shows_an_untimed_row_with_its_reason():
   lines = overhead.markdown(rows, meta).splitlines()
   assert lines[-2] == "| sgd | 10 | 4000.000 | 1.00x | 1.00 |  |"
   assert lines[-1] == "| looksam | 10 | | | | not timed: slow |"
+
+
+def test_input_pipeline_times_every_feeding_mode(tmp_path):
+  run_script("input_pipeline.py", "--steps", "2", "--repeats", "1",
+             "--batch", "8", "--model", "mlp", "--width", "4",
+             "--grain-workers", "0",
+             "--read-ms", "5", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "input_pipeline.json").read_text())
+  rows = {r["mode"]: r for r in result["results"]}
+  assert list(rows) == ["on device", "host, in the loop",
+                        "DataLoader + prefetch"]
+  assert rows["on device"]["above_floor"] == 0.0
+  # The loop waited for the simulated 5 ms reads only when loading in it.
+  assert rows["host, in the loop"]["wait_ms_per_step"] >= 5.0
+  assert result["meta"]["read_ms"] == 5.0
+  assert "| DataLoader + prefetch |" in (
+      tmp_path / "input_pipeline.md").read_text()

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from sharpjax._src.grain_state import data_item
+
 # Environment variables the launcher (sharpjax.launch) sets for its workers.
 ENV_COORDINATOR = "SHARPJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "SHARPJAX_NUM_PROCESSES"
@@ -147,7 +149,7 @@ def _manager(directory: str, keep: Optional[int], create: bool):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=create, enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "meta"))
+                               item_names=("state", "meta", "data"))
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -169,7 +171,8 @@ def _data_as_keys(tree: Any, template: Any) -> Any:
 
 
 def save_state(directory: str, step: int, state: Any,
-               meta: Optional[dict] = None, *, keep: Optional[int] = 2) -> int:
+               meta: Optional[dict] = None, *, keep: Optional[int] = 2,
+               data_iterator: Any = None) -> int:
   """Writes a (possibly sharded, multi-process) state with orbax.
 
   Every process must call it with its part of the same global arrays: each
@@ -190,6 +193,13 @@ def save_state(directory: str, step: int, state: Any,
     meta: JSON-serialisable extras, e.g. the data-iterator position
       ``{"epoch": e, "batch": b}``.
     keep: how many of the latest checkpoints to keep (None: all).
+    data_iterator: a grain iterator (e.g.
+      :meth:`sharpjax.data.GrainLoader.batches`, or
+      :func:`sharpjax.data.prefetch_to_device` over one, which saves the
+      position of the batches it has yielded) whose state is saved in the
+      same checkpoint (item ``data``: one JSON file per process, each
+      process's own position and workers' states), so that a restored run
+      reads exactly the batches it would have read.
 
   Returns:
     ``step``.
@@ -209,7 +219,8 @@ def save_state(directory: str, step: int, state: Any,
   if step not in mngr.all_steps():
     mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(dict(meta or {}))))
+        meta=ocp.args.JsonSave(dict(meta or {})),
+        **data_item(data_iterator, save=True)))
     mngr.wait_until_finished()
   mngr.close()
   return int(step)
@@ -226,7 +237,8 @@ def latest_step(directory: str) -> Optional[int]:
 
 
 def restore_state(directory: str, template: Any,
-                  step: Optional[int] = None) -> tuple[Any, dict]:
+                  step: Optional[int] = None, *,
+                  data_iterator: Any = None) -> tuple[Any, dict]:
   """Restores a checkpoint of :func:`save_state` onto ``template``'s layout.
 
   The arrays come back with the shardings of ``template``'s arrays (e.g. a
@@ -239,6 +251,9 @@ def restore_state(directory: str, template: Any,
     template: a state with the wanted structure, shapes, dtypes and
       shardings (its values are not used).
     step: which checkpoint (default: the latest complete one).
+    data_iterator: a grain iterator of the same pipeline as the one saved
+      (:func:`save_state`'s ``data_iterator``); its state is set to this
+      process's saved one.
 
   Returns:
     ``(state, meta)``.
@@ -255,6 +270,14 @@ def restore_state(directory: str, template: Any,
       if isinstance(x, jax.Array) else x, _keys_as_data(template))
   out = mngr.restore(int(step), args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  if data_iterator is not None:
+    if not os.path.isdir(os.path.join(directory, str(int(step)), "data")):
+      mngr.close()
+      raise FileNotFoundError(
+          f"restore_state: checkpoint {directory} step {step} holds no data "
+          "iterator state (it was saved without data_iterator=).")
+    mngr.restore(int(step), args=ocp.args.Composite(
+        **data_item(data_iterator, save=False)))
   mngr.close()
   state = jax.tree.unflatten(jax.tree.structure(template),
                              jax.tree.leaves(out["state"]))

@@ -30,6 +30,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from sharpjax._src.grain_state import data_item
+
 FORMAT = "sharpjax.cli checkpoint"
 VERSION = 1
 
@@ -51,8 +53,19 @@ def _host_leaves(tree: Any) -> tuple[list, list]:
       raise CheckpointError(
           "typed PRNG keys are not checkpointed; keep raw key data "
           "(jax.random.key_data) in the state.")
-    leaves.append(np.asarray(jax.device_get(x)))
+    if _spread(x):  # each process writes its own shards (orbax)
+      leaves.append(x)
+    else:
+      leaves.append(np.asarray(jax.device_get(x)))
   return paths, leaves
+
+
+def _spread(x: Any) -> bool:
+  """A leaf no single process holds whole: a table sharded by example over
+  several processes' devices. Saved and restored shard by shard, without a
+  SHA-256 (no process sees all its bytes)."""
+  return (isinstance(x, jax.Array) and not x.is_fully_addressable
+          and not x.is_fully_replicated)
 
 
 def _sha256(x: np.ndarray) -> str:
@@ -106,7 +119,8 @@ class Checkpointer:
           max_to_keep=self.keep, create=create,
           enable_async_checkpointing=False)
       self._manager = ocp.CheckpointManager(
-          self.directory, options=options, item_names=("state", "meta"))
+          self.directory, options=options,
+          item_names=("state", "meta", "data"))
     return self._manager
 
   def steps(self) -> list[int]:
@@ -116,15 +130,21 @@ class Checkpointer:
     return sorted(self._mngr(create=False).all_steps())
 
   def save(self, state: Any, run: Mapping[str, Any],
-           progress: Mapping[str, Any], extra: Optional[Mapping] = None) -> int:
-    """Writes ``state`` at step ``progress["step"]``; returns that step."""
+           progress: Mapping[str, Any], extra: Optional[Mapping] = None,
+           data_iterator: Any = None) -> int:
+    """Writes ``state`` at step ``progress["step"]``; returns that step.
+
+    ``data_iterator``: a grain iterator whose state is saved in the same
+    step (:func:`sharpjax.launch.save_state`'s ``data_iterator``).
+    """
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     paths, leaves = _host_leaves(state)
     meta = {
         "format": FORMAT, "version": VERSION, "run": dict(run),
         "progress": dict(progress),
         "leaves": [{"path": p, "shape": list(x.shape), "dtype": str(x.dtype),
-                    "sha256": _sha256(x)} for p, x in zip(paths, leaves)],
+                    "sha256": None if _spread(x) else _sha256(x)}
+                   for p, x in zip(paths, leaves)],
         **(dict(extra) if extra else {}),
     }
     step = int(progress["step"])
@@ -133,7 +153,8 @@ class Checkpointer:
       return step
     arrays = {_leaf_name(i): x for i, x in enumerate(leaves)}
     mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta),
+        **data_item(data_iterator, save=True)))
     mngr.wait_until_finished()
     return step
 
@@ -182,7 +203,8 @@ class Checkpointer:
     return step, meta
 
   def restore(self, template: Any, run: Optional[Mapping[str, Any]] = None,
-              step: Optional[int] = None) -> tuple[Any, dict]:
+              step: Optional[int] = None,
+              data_iterator: Any = None) -> tuple[Any, dict]:
     """Restores into the structure of ``template``; returns ``(state, meta)``.
 
     Args:
@@ -191,6 +213,9 @@ class Checkpointer:
       run: the current run's definition; when given, it must equal the
         checkpoint's.
       step: which checkpoint (default: the latest).
+      data_iterator: a fresh grain iterator of the same pipeline: set to
+        the saved position (this process's) when the checkpoint has one;
+        ``meta["data_restored"]`` says whether it had.
 
     Raises:
       CheckpointError: naming the first differences (run settings, leaf
@@ -208,8 +233,11 @@ class Checkpointer:
     if saved != expected:
       raise CheckpointError(f"{where} does not fit this run's state: "
                             + _signature_diff(saved, expected))
-    target = {_leaf_name(i): np.zeros(d["shape"], d["dtype"])
-              for i, d in enumerate(expected)}
+    t_leaves = jax.tree.leaves(template)
+    target = {_leaf_name(i): (
+        jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
+        if _spread(t) else np.zeros(d["shape"], d["dtype"]))
+              for i, (d, t) in enumerate(zip(expected, t_leaves))}
     try:
       arrays = self._mngr(create=False).restore(
           step, args=ocp.args.Composite(
@@ -220,6 +248,9 @@ class Checkpointer:
           f"files): {_first_line(e)}") from e
     leaves = []
     for i, d in enumerate(meta["leaves"]):
+      if d["sha256"] is None:  # restored shard by shard, where it belongs
+        leaves.append(arrays[_leaf_name(i)])
+        continue
       x = np.asarray(arrays[_leaf_name(i)])
       if list(x.shape) != d["shape"] or str(x.dtype) != d["dtype"]:
         raise CheckpointError(
@@ -231,10 +262,22 @@ class Checkpointer:
             "(the checkpoint files are corrupt).")
       leaves.append(x)
     treedef = jax.tree.structure(template)
-    t_leaves = jax.tree.leaves(template)
-    placed = [jax.device_put(x, t.sharding) if isinstance(t, jax.Array)
-              else x for x, t in zip(leaves, t_leaves)]
+    placed = [_place(x, t) for x, t in zip(leaves, t_leaves)]
+    meta["data_restored"] = False
+    if data_iterator is not None and os.path.isdir(
+        os.path.join(self.directory, str(step), "data")):
+      self._mngr(create=False).restore(step, args=ocp.args.Composite(
+          **data_item(data_iterator, save=False)))
+      meta["data_restored"] = True
     return jax.tree.unflatten(treedef, placed), meta
+
+
+def _place(x: Any, template: Any) -> Any:
+  """``x`` with ``template``'s sharding (over every process's devices)."""
+  if not isinstance(template, jax.Array) or isinstance(x, jax.Array):
+    return x
+  return jax.make_array_from_callback(x.shape, template.sharding,
+                                      lambda idx: x[idx])
 
 
 def _signature_diff(saved: list, expected: list) -> str:

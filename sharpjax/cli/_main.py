@@ -10,6 +10,7 @@ import textwrap
 import time
 from typing import Any, Optional, Sequence
 
+from sharpjax.cli import _devices
 from sharpjax.cli import _methods
 from sharpjax.cli import _setup
 
@@ -135,6 +136,7 @@ def _add_common(p: argparse.ArgumentParser, presets: bool = False) -> None:
                    help="defaults: " + ", ".join(users))
   h.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=V",
                  help="one method's hyper-parameter (repeatable)")
+  _devices.add_arguments(p)
   o = p.add_argument_group("output")
   o.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                  help="progress bars (auto: only when stdout is a terminal)")
@@ -285,10 +287,28 @@ def _config(args) -> _setup.Config:
       momentum=args.momentum, weight_decay=args.weight_decay,
       warmup_epochs=args.warmup_epochs,
       sharpness_examples=getattr(args, "sharpness_examples", 500),
-      data_dir=getattr(args, "data_dir", None))
+      data_dir=getattr(args, "data_dir", None), dtype=args.dtype)
   _setup.check_names(config)
   _setup.check_finite_config(config)
   return config
+
+
+def _make_env(args, config: _setup.Config) -> _setup.Env:
+  """The data and model of ``config`` on the devices of ``--devices``."""
+  if args.loader_workers < 0:
+    raise ValueError(f"--loader-workers must be >= 0, got "
+                     f"{args.loader_workers}.")
+  devices = _devices.Devices.from_args(args, config.batch_size)
+  return _setup.make_env(config, devices, args.loader, args.loader_workers)
+
+
+def _tensorboard(args, subdir: str = "", purge_step=None):
+  """The TensorBoard log of a run (None without ``--tensorboard``)."""
+  if args.tensorboard is None:
+    return None
+  from sharpjax.cli import _tensorboard as tb  # pylint: disable=g-import-not-at-top
+  return tb.TensorBoardLog(os.path.join(args.tensorboard, subdir),
+                           purge_step=purge_step)
 
 
 def _flags(args) -> dict:
@@ -320,7 +340,9 @@ def _show_progress(args) -> bool:
 
 
 def _log(msg: str) -> None:
-  print(msg, flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:  # one copy of every line in a multi-process run
+    print(msg, flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -400,13 +422,13 @@ def cmd_compare(args) -> int:
   overrides = _overrides(args, methods)
   _report.check_out_dir(args.out)
   json_path = os.path.join(args.out, "results.json")
-  env = _setup.make_env(config)
+  env = _make_env(args, config)
   seeds = list(range(args.seeds))
   n_runs = len(methods) * len(seeds)
   what, budget = _describe(config, env)
   described = f"{what}, {budget}, {_report.seeds_phrase(len(seeds))}"
   _log(f"sharpjax compare: {described}; {len(methods)} methods, {n_runs} "
-       "runs")
+       f"runs; on {env.devices.describe()}")
   runners = {m: _runner.MethodRunner(env, m, _flags(args), overrides.get(m, {}))
              for m in methods}
   payload = {
@@ -420,6 +442,7 @@ def cmd_compare(args) -> int:
                "num_classes": env.num_classes,
                "steps_per_epoch": env.steps_per_epoch},
       "versions": _report.versions(), "device": _report.device_info(),
+      "parallel": env.devices.to_dict(),
   }
   # Seed-major order: every method's timing sees the machine's drift alike.
   order = [(m, seed) for seed in seeds for m in methods]
@@ -442,6 +465,8 @@ def cmd_compare(args) -> int:
     payload.update(finished=_report.utc_now() if complete else None,
                    complete=complete, wall_s=wall, table=rows,
                    runs=[r.to_dict() for r in runs])
+    if not env.devices.is_main:  # process 0 writes the reports
+      return rows
     _report.write_json(json_path, payload)
     dev = payload["device"]
     header = (
@@ -484,6 +509,8 @@ def cmd_compare(args) -> int:
   rows = save()
   title = (f"{what}, {config.epochs} epochs, "
            f"{_report.seeds_phrase(len(seeds))} (mean ± std)")
+  if not env.devices.is_main:
+    return 0
   pngs = _report.plot([results[k] for k in order], rows, methods, args.out,
                       title)
   print()
@@ -500,15 +527,23 @@ def _compare_run(runner, seed: int, probe, args, show: bool):
   name = runner.method.name
   progress = _runner.Progress()
   t0 = time.perf_counter()
+  board = _tensorboard(args, os.path.join(name, f"seed{seed}"))
   try:
     state, progress, timing = runner.run(
         seed, progress=progress, show_progress=show,
-        label=f"{name} seed {seed}")
+        label=f"{name} seed {seed}", on_log=board and board.scalars)
   except _runner.NonFiniteLoss as e:
     return _runner.failed_run(name, seed, runner.hyper, progress,
                               runner.compile_s, time.perf_counter() - t0, e)
-  sharp = None if probe is None else probe.top_eigenvalue(state, seed)
-  trace = (probe.trace(state, seed, args.trace_probes)
+  finally:
+    if board is not None:
+      board.close()
+  # Every process measures its own host copy of the (replicated) model.
+  devices = runner.env.devices
+  local = (state if probe is None or devices is None
+           else devices.local(state._replace(opt_state=())))
+  sharp = None if probe is None else probe.top_eigenvalue(local, seed)
+  trace = (probe.trace(local, seed, args.trace_probes)
            if probe is not None and args.trace_probes else None)
   return _runner.summarize_run(name, seed, runner.hyper, progress, timing,
                                state, sharp, trace)
@@ -528,8 +563,12 @@ def cmd_train(args) -> int:
   config = _config(args)
   overrides = _overrides(args, [args.method]).get(args.method, {})
   _report.check_out_dir(args.out)
-  env = _setup.make_env(config)
+  env = _make_env(args, config)
   runner = _runner.MethodRunner(env, args.method, _flags(args), overrides)
+  # With grain the batches come from one iterator over the whole run, whose
+  # state the checkpoints keep (the numpy loader restarts from the step).
+  feed = (env.loader(args.seed).batches(0, runner.total_steps)
+          if args.loader == "grain" else None)
   save_every = args.save_every or env.steps_per_epoch
   if save_every < 1:
     raise ValueError(f"--save-every must be >= 1, got {save_every}.")
@@ -540,8 +579,12 @@ def cmd_train(args) -> int:
              "steps_per_epoch": env.steps_per_epoch}
   if args.resume:
     step, _ = ckpt.check_run(run_def)  # before building anything
-    state, meta = ckpt.restore(runner.init_state(args.seed), run_def, step)
+    state, meta = ckpt.restore(runner.init_state(args.seed), run_def, step,
+                               data_iterator=feed)
     progress = _runner.Progress.from_dict(meta["progress"])
+    if feed is not None and not meta["data_restored"]:
+      feed.close()  # a checkpoint of the numpy loader: start at the step
+      feed = env.loader(args.seed).batches(progress.step, runner.total_steps)
     if int(state.step) != progress.step:
       raise _checkpoint.CheckpointError(
           f"checkpoint {ckpt_dir}: the state is at step {int(state.step)} but "
@@ -568,19 +611,22 @@ def cmd_train(args) -> int:
 
   def on_step(st, prog):
     if prog.step % save_every == 0 or prog.step == total:
-      ckpt.save(st, run_def, prog.to_dict(), position(prog.step))
+      ckpt.save(st, run_def, prog.to_dict(), position(prog.step),
+                data_iterator=runner.feed if feed is not None else None)
       saved["step"] = prog.step
 
   _log(f"sharpjax train: {args.method} seed {args.seed} on {config.data} "
        f"({len(env.train)} train), {config.model}, {config.epochs} epochs x "
        f"{env.steps_per_epoch} steps; checkpoints every {save_every} steps "
-       f"in {ckpt_dir}")
+       f"in {ckpt_dir}; on {env.devices.describe()}")
   t0 = time.perf_counter()
+  board = _tensorboard(args, purge_step=progress.step if progress else None)
   try:
     state, progress, timing = runner.run(
         args.seed, state, progress, stop_at=args.max_steps, on_step=on_step,
         sync_every=save_every, show_progress=_show_progress(args),
-        label=f"{args.method} seed {args.seed}")
+        label=f"{args.method} seed {args.seed}",
+        on_log=board and board.scalars, data_iterator=feed)
   except KeyboardInterrupt:
     steps = ckpt.steps()
     last = steps[-1] if steps else None
@@ -588,15 +634,21 @@ def cmd_train(args) -> int:
           "run the same command with --resume to continue.",
           file=sys.stderr, flush=True)
     return 130
-  ckpt.save(state, run_def, progress.to_dict(), position(progress.step))
+  finally:
+    if board is not None:
+      board.close()
+  ckpt.save(state, run_def, progress.to_dict(), position(progress.step),
+            data_iterator=runner.feed if feed is not None else None)
   result = _runner.summarize_run(args.method, args.seed, runner.hyper,
                                  progress, timing, state, None)
   payload = {"command": "sharpjax " + " ".join(args.argv),
              "finished": _report.utc_now(), "run": run_def,
              "complete": progress.step >= total, "checkpoint_dir": ckpt_dir,
              "result": result.to_dict(), "versions": _report.versions(),
-             "device": _report.device_info()}
-  _report.write_json(os.path.join(args.out, "train.json"), payload)
+             "device": _report.device_info(),
+             "parallel": env.devices.to_dict()}
+  if env.devices.is_main:  # process 0 writes the report
+    _report.write_json(os.path.join(args.out, "train.json"), payload)
   f = result.final
   done = "done" if progress.step >= total else "stopped (--max-steps)"
   _log(f"{done} at step {progress.step}/{total} in "
@@ -714,6 +766,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   commands = {"compare": cmd_compare, "train": cmd_train,
               "measure": cmd_measure}
   try:
+    if args.command in ("compare", "train"):
+      _devices.connect(args.distributed)  # before any JAX computation
     return commands[args.command](args)
   except _runner.NonFiniteLoss as e:
     print(f"sharpjax {args.command}: error: {e}", file=sys.stderr)

@@ -2,9 +2,11 @@
 
 One :class:`MethodRunner` per method builds the optax chain and the jitted
 step once; every seed reuses them, so a method compiles once per command. A
-run is a loop over :meth:`sharpjax.data.DataLoader.batch` from any step (the
-data order of epoch ``e`` depends on ``(seed, e)`` only, so a resumed run sees
-the batches the uninterrupted one would), with
+run is a loop over the loader's batches from any step (the data order of
+epoch ``e`` depends on ``(seed, e)`` only, so a resumed run sees the batches
+the uninterrupted one would; a grain loader's position is also restored from
+its saved state), made ahead on the host and put on the devices two steps
+ahead (:func:`sharpjax.data.prefetch_to_device`), with
 
 - metrics fetched every few steps and checked: a NaN or infinite loss raises
   :class:`NonFiniteLoss` naming the step;
@@ -14,7 +16,8 @@ the batches the uninterrupted one would), with
   the fastest epoch's (epoch time / steps), host data assembly included (the
   minimum, as in ``benchmarks/overhead.py``: on a shared machine the other
   epochs measure the neighbours' load);
-- an optional ``on_step(state, step, progress)`` hook (checkpoints).
+- an optional ``on_step(state, step, progress)`` hook (checkpoints) and an
+  ``on_log(step, scalars)`` hook (TensorBoard).
 """
 
 from __future__ import annotations
@@ -128,15 +131,19 @@ def tree_bytes(tree: Any) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
+def learning_rate(config: _setup.Config, total_steps: int) -> optax.Schedule:
+  """The cosine schedule (with the optional linear warm-up) of a run."""
+  warmup = config.warmup_epochs * max(1, total_steps // config.epochs)
+  if warmup:
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
+                                              max(total_steps, warmup + 1))
+  return optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+
+
 def base_optimizer(config: _setup.Config,
                    total_steps: int) -> optax.GradientTransformation:
   """SGD with momentum, a cosine learning rate and optional weight decay."""
-  warmup = config.warmup_epochs * max(1, total_steps // config.epochs)
-  if warmup:
-    lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
-                                            max(total_steps, warmup + 1))
-  else:
-    lr = optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+  lr = learning_rate(config, total_steps)
   parts = []
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
@@ -186,9 +193,15 @@ class MethodRunner:
     pre = _methods.build(self.method, self.hyper, budget)
     base_tx = base_optimizer(env.config, budget.total_steps)
     self.tx = base_tx if pre is None else optax.chain(pre, base_tx)
+    self.learning_rate = learning_rate(env.config, budget.total_steps)
     # The batches come from DataLoader over a checked ArrayDataset, so the
     # per-step host validation is skipped.
-    self.trainer = training.make_trainer(env.model, self.tx, validate=False)
+    if env.devices is not None:  # over the data mesh (cli/_devices.py)
+      self.trainer = env.devices.trainer(env.model, self.tx)
+    else:
+      self.trainer = training.make_trainer(env.model, self.tx, validate=False)
+    self.feed = None  # the run's batch iterator, while it runs
+    self._on_log = None
     self._compiled = False
     self.compile_s = 0.0
 
@@ -213,7 +226,10 @@ class MethodRunner:
     # every leaf is copied.
     opt_state = jax.tree.map(lambda x: jnp.array(x, copy=True),
                              _reseed(state.opt_state, seed))
-    return state._replace(opt_state=opt_state)
+    state = state._replace(opt_state=opt_state)
+    if self.env.devices is not None:
+      state = self.env.devices.place_state(state)
+    return state
 
   def evaluate(self, state) -> dict:
     return self.env.evaluate(state.params, state.model_state)
@@ -229,6 +245,8 @@ class MethodRunner:
       sync_every: Optional[int] = None,
       show_progress: bool = False,
       label: str = "",
+      on_log: Optional[Callable[[int, dict], None]] = None,
+      data_iterator: Any = None,
   ) -> tuple[training.TrainState, Progress, dict]:
     """Trains from ``progress.step`` to ``stop_at`` (default: the end).
 
@@ -244,6 +262,15 @@ class MethodRunner:
         multiple of this many steps.
       show_progress: draw a tqdm bar.
       label: the bar's description.
+      on_log: ``on_log(step, scalars)`` with each log interval's means
+        (``train/loss``, ``train/accuracy``, ``train/learning_rate``, the
+        penalty and diagnostics as ``train/NAME``) and, at epoch ends, the
+        test metrics (``test/...``, ``epoch/...``).
+      data_iterator: the batches from global step 0 (a restored
+        ``GrainLoader.batches`` iterator); default: the loader's from
+        ``progress.step``. Either way they are put on the devices two ahead
+        (:func:`sharpjax.data.prefetch_to_device`), and ``self.feed`` is
+        that iterator while the run lasts (a checkpoint saves its state).
 
     Returns:
       ``(state, progress, timing)`` with ``timing`` holding ``epoch_ms``
@@ -259,7 +286,12 @@ class MethodRunner:
     spe = self.env.steps_per_epoch
     total = self.total_steps
     end = total if stop_at is None else min(stop_at, total)
-    loader = self.env.loader(seed)
+    from sharpjax import data  # pylint: disable=g-import-not-at-top
+    if data_iterator is None:
+      data_iterator = self.env.loader(seed).batches(progress.step, total)
+    self.feed = data.prefetch_to_device(data_iterator,
+                                        self.trainer.shard_batch)
+    self._on_log = on_log
     bar = _bar(show_progress, label, total, progress.step)
     epoch_ms = []
     t_start = time.perf_counter()
@@ -270,7 +302,7 @@ class MethodRunner:
         last = min(spe, pos + end - progress.step)
         t0, timed = time.perf_counter(), 0
         for i in range(pos, last):
-          batch = loader.batch(epoch, i)
+          batch = next(self.feed)
           if not self._compiled:
             tc = time.perf_counter()
             state, metrics = self.trainer.step(state, batch)
@@ -303,18 +335,28 @@ class MethodRunner:
           if bar is not None:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}",
                             test_acc=f"{row['test_accuracy']:.3f}")
+          if on_log is not None:
+            on_log(progress.step, {
+                "test/loss": row["test_loss"],
+                "test/accuracy": row["test_accuracy"],
+                "epoch/train_loss": row["train_loss"],
+                "epoch/train_accuracy": row["train_accuracy"]})
           if on_step is not None:
             on_step(state, progress)
     finally:
       if bar is not None:
         bar.close()
+      self.feed.close()
     timing = {"epoch_ms": epoch_ms, "compile_s": self.compile_s,
               "wall_s": time.perf_counter() - t_start}
     return state, progress, timing
 
   def _flush(self, pending, progress: Progress, epoch: int, bar) -> None:
-    values = jax.device_get([(m["loss"], m["accuracy"], m.get("penalty", 0.0))
-                             for m in pending])
+    on_log = self._on_log
+    fetched = jax.device_get([{k: v for k, v in m.items() if np.ndim(v) == 0}
+                              for m in pending])
+    values = [(m["loss"], m["accuracy"], m.get("penalty", 0.0))
+              for m in fetched]
     for loss, acc, pen in values:
       step = progress.step + 1
       if not (np.isfinite(loss) and np.isfinite(pen)):
@@ -328,6 +370,12 @@ class MethodRunner:
       progress.loss_sum += float(loss)
       progress.acc_sum += float(acc)
       progress.count += 1
+    if on_log is not None:
+      scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
+                 for k in fetched[0]}
+      scalars["train/learning_rate"] = float(
+          self.learning_rate(progress.step - 1))
+      on_log(progress.step, scalars)
     if bar is not None:
       bar.update(len(values))
       bar.set_postfix(loss=f"{float(values[-1][0]):.3f}",

@@ -35,6 +35,8 @@ class Config:
     warmup_epochs: linear warm-up of the learning rate.
     sharpness_examples: training examples the Hessian measures use.
     data_dir: where data read from disk lives (CIFAR); None otherwise.
+    dtype: the model's computation dtype (``"float32"`` or ``"bfloat16"``;
+      parameters, optimizer state and loss stay float32).
   """
 
   data: str = "mnist1d"
@@ -50,6 +52,7 @@ class Config:
   warmup_epochs: int = 0
   sharpness_examples: int = 500
   data_dir: Optional[str] = None
+  dtype: str = "float32"
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -208,6 +211,10 @@ class Env:
   test: Any
   model: Any
   steps_per_epoch: int
+  # How the runs are spread and fed (cli/_devices.py); None: one device.
+  devices: Any = None
+  loader_kind: str = "numpy"
+  loader_workers: int = 0
   _initial: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
@@ -215,7 +222,10 @@ class Env:
     return int(self.train.num_classes)
 
   def budget(self, seed: int = 0) -> _methods.Budget:
-    return _methods.Budget(num_examples=len(self.train),
+    rows = len(self.train)
+    if self.devices is not None:  # a multiple of the devices when sharded
+      rows = self.devices.table_rows(rows)
+    return _methods.Budget(num_examples=rows,
                            num_classes=self.num_classes,
                            steps_per_epoch=self.steps_per_epoch,
                            epochs=self.config.epochs, seed=seed)
@@ -235,6 +245,9 @@ class Env:
 
   def evaluate(self, params, model_state) -> dict:
     """Test loss and accuracy (model in eval mode), one compiled function."""
+    if self.devices is not None:  # sharded over the devices
+      return self.devices.evaluate(self.model, params, model_state,
+                                   self.test.x, self.test.y)
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from sharpjax import training  # pylint: disable=g-import-not-at-top
@@ -250,11 +263,19 @@ class Env:
     return {"test_loss": loss / n, "test_accuracy": acc / n}
 
   def loader(self, seed: int):
+    """This process's loader: its rows of every global batch."""
+    import jax  # pylint: disable=g-import-not-at-top
     from sharpjax import data  # pylint: disable=g-import-not-at-top
     # Images get the standard augmentation (random crop with padding + flip).
     augment = data.RandomCropFlip() if self.train.x.ndim == 4 else None
+    shards = {"num_shards": jax.process_count(),
+              "shard_index": jax.process_index()}
+    if self.loader_kind == "grain":
+      return data.GrainLoader(self.train, self.config.batch_size, seed=seed,
+                              augment=augment,
+                              worker_count=self.loader_workers, **shards)
     return data.DataLoader(self.train, batch_size=self.config.batch_size,
-                           seed=seed, prefetch=0, augment=augment)
+                           seed=seed, prefetch=2, augment=augment, **shards)
 
 
 # One jitted model init and evaluation per (model, input shape) in a process:
@@ -291,8 +312,14 @@ def _eval_fn(model):
   return jax.jit(sums)
 
 
-def make_env(config: Config) -> Env:
-  """Loads the data and builds the model of ``config``."""
+def make_env(config: Config, devices: Any = None, loader: str = "numpy",
+             loader_workers: int = 0) -> Env:
+  """Loads the data and builds the model of ``config``.
+
+  ``devices`` (a :class:`sharpjax.cli._devices.Devices`; None: one device),
+  ``loader`` (``"numpy"`` or ``"grain"``) and ``loader_workers`` say how the
+  runs are spread and fed; they do not change what is computed.
+  """
   check_names(config)
   from sharpjax import data  # pylint: disable=g-import-not-at-top
   train, test = DATA[config.data][0](config.num_examples, config.data_dir)
@@ -303,8 +330,12 @@ def make_env(config: Config) -> Env:
         f"--batch-size {config.batch_size} is larger than the training set "
         f"({len(train)} examples).")
   model = MODELS[config.model][0](int(train.num_classes), config.width)
+  if config.dtype != "float32":
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    model = model.clone(dtype=jnp.dtype(config.dtype))
   steps = len(train) // config.batch_size
-  return Env(config, train, test, model, steps)
+  return Env(config, train, test, model, steps, devices, loader,
+             loader_workers)
 
 
 def check_finite_config(config: Config) -> None:
@@ -317,3 +348,6 @@ def check_finite_config(config: Config) -> None:
     raise ValueError(f"--epochs must be >= 1, got {config.epochs}.")
   if config.batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}.")
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"--dtype must be float32 or bfloat16, got "
+                     f"{config.dtype!r}.")

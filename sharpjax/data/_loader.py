@@ -127,11 +127,7 @@ class DataLoader:
 
   def order(self, epoch: int) -> np.ndarray:
     """The example order of epoch ``epoch`` (before dropping the tail)."""
-    n = len(self.dataset)
-    if not self.shuffle:
-      return np.arange(n)
-    rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch)]))
-    return rng.permutation(n)
+    return epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
 
   def batch(self, epoch: int, step: int) -> Batch:
     """Batch ``step`` of epoch ``epoch`` (without ``transform``)."""
@@ -140,16 +136,11 @@ class DataLoader:
     return self._assemble(epoch, step, ids)
 
   def _assemble(self, epoch: int, step: int, ids: np.ndarray) -> Batch:
-    if self.num_shards > 1:
-      b = self.batch_size // self.num_shards
-      ids = ids[self.shard_index * b:(self.shard_index + 1) * b]
+    ids = shard_block(ids, self.num_shards, self.shard_index)
     x = self.dataset.x[ids]
     if self.augment is not None:
-      entropy = [self.seed, int(epoch), int(step), 1]
-      if self.num_shards > 1:
-        entropy.append(self.shard_index)
-      rng = np.random.default_rng(np.random.SeedSequence(entropy))
-      x = self.augment(x, rng)
+      x = self.augment(x, augment_rng(self.seed, epoch, step, self.num_shards,
+                                      self.shard_index))
     return {
         "x": x,
         "y": self.dataset.y[ids],
@@ -170,11 +161,70 @@ class DataLoader:
       return
     yield from _prefetched(self._batches(epoch), self.prefetch)
 
+  def batches(self, start: int = 0,
+              stop: Optional[int] = None) -> Iterator[Any]:
+    """Batches of global steps ``start, start + 1, ...`` up to ``stop``.
+
+    Step ``k`` is batch ``k % steps_per_epoch`` of epoch ``k //
+    steps_per_epoch``, so a run resumed at step ``k`` continues with the
+    batches it would have seen; ``stop=None`` goes on forever. Prefetched and
+    transformed like :meth:`epoch`.
+    """
+    start = base.check_int("start", start, low=0)
+
+    def steps():
+      k = start
+      while stop is None or k < stop:
+        epoch, step = divmod(k, self.steps_per_epoch)
+        order = self.order(epoch)
+        for step in range(step, self.steps_per_epoch):
+          if stop is not None and k >= stop:
+            return
+          ids = order[step * self.batch_size:(step + 1) * self.batch_size]
+          batch = self._assemble(epoch, step, ids)
+          yield self.transform(batch) if self.transform is not None else batch
+          k += 1
+
+    if self.prefetch == 0:
+      return steps()
+    return _prefetched(steps(), self.prefetch)
+
   def __iter__(self) -> Iterator[Any]:
     """One epoch: the first ``iter`` gives epoch 0, the next epoch 1, ..."""
     epoch = self._next_epoch
     self._next_epoch += 1
     return self.epoch(epoch)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int,
+                shuffle: bool = True) -> np.ndarray:
+  """The example order of an epoch: a permutation drawn from ``(seed, epoch)``.
+
+  Both loaders (:class:`DataLoader`, :class:`sharpjax.data.GrainLoader`) use
+  it, so they yield the same ids in the same order.
+  """
+  if not shuffle:
+    return np.arange(num_examples)
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
+  return rng.permutation(num_examples)
+
+
+def shard_block(rows: np.ndarray, num_shards: int,
+                shard_index: int) -> np.ndarray:
+  """Block ``shard_index`` of ``num_shards`` equal blocks of a global batch."""
+  if num_shards == 1:
+    return rows
+  b = len(rows) // num_shards
+  return rows[shard_index * b:(shard_index + 1) * b]
+
+
+def augment_rng(seed: int, epoch: int, step: int, num_shards: int = 1,
+                shard_index: int = 0) -> np.random.Generator:
+  """The generator that augments batch ``step`` of ``epoch`` (of one shard)."""
+  entropy = [int(seed), int(epoch), int(step), 1]
+  if num_shards > 1:
+    entropy.append(int(shard_index))
+  return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 def _prefetched(source: Iterator[Any], size: int) -> Iterator[Any]:
