@@ -336,6 +336,7 @@ def test_checkpoint_reshards_a_mesa_state_and_continues(tmp_path):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import sharpjax as sj  # pylint: disable=g-import-not-at-top
   from sharpjax import data, launch, training  # pylint: disable=g-import-not-at-top
 
@@ -369,8 +370,16 @@ def test_checkpoint_reshards_a_mesa_state_and_continues(tmp_path):
   got, _ = two.step(restored, loader.batch(0, 3))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  with pytest.raises(TypeError, match="raw key data"):
-    launch.save_state(str(tmp_path), 4, {"k": jax.random.key(0)})
+  # A typed PRNG key (the README's state holds one) round-trips as a key.
+  keyed = {"rng": jax.random.key(5), "w": jnp.ones(2)}
+  launch.save_state(str(tmp_path), 4, keyed)
+  back, _ = launch.restore_state(
+      str(tmp_path), {"rng": jax.random.key(0), "w": jnp.zeros(2)}, step=4)
+  assert jax.dtypes.issubdtype(back["rng"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(back["rng"]),
+                                jax.random.key_data(keyed["rng"]))
+  np.testing.assert_array_equal(jax.random.uniform(back["rng"]),
+                                jax.random.uniform(keyed["rng"]))
 
 
 def test_launcher_timeout_stops_a_hanging_run(tmp_path):

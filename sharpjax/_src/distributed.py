@@ -150,13 +150,22 @@ def _manager(directory: str, keep: Optional[int], create: bool):
                                item_names=("state", "meta"))
 
 
-def _check_keys(state: Any) -> None:
-  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
-      raise TypeError(
-          "save_state: the state holds a typed PRNG key at "
-          f"{jax.tree_util.keystr(path)}; use raw key data "
-          "(jax.random.PRNGKey, or jax.random.key_data).")
+def _is_typed_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_as_data(tree: Any) -> Any:
+  """Typed PRNG keys replaced by their raw ``uint32`` data (what orbax stores)."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _data_as_keys(tree: Any, template: Any) -> Any:
+  """Raw key data back into typed keys wherever ``template`` holds one."""
+  return jax.tree.map(
+      lambda x, t: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+                    if _is_typed_key(t) else x), tree, template)
 
 
 def save_state(directory: str, step: int, state: Any,
@@ -174,8 +183,10 @@ def save_state(directory: str, step: int, state: Any,
     directory: the run's checkpoint directory (shared by all processes:
       a network file system or a bucket on a pod).
     step: the step number (a checkpoint of that step already there is kept).
-    state: the pytree, e.g. a :class:`sharpjax.training.TrainState`; PRNG
-      keys must be raw ``uint32`` key data.
+    state: the pytree, e.g. a :class:`sharpjax.training.TrainState`. Typed
+      PRNG keys (``jax.random.key``) are stored as their raw key data and
+      come back typed when the template of :func:`restore_state` holds a
+      typed key there.
     meta: JSON-serialisable extras, e.g. the data-iterator position
       ``{"epoch": e, "batch": b}``.
     keep: how many of the latest checkpoints to keep (None: all).
@@ -193,7 +204,7 @@ def save_state(directory: str, step: int, state: Any,
     ({'w': Array([1., 1., 1.], dtype=float32)}, {'epoch': 1})
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  _check_keys(state)
+  state = _keys_as_data(state)
   mngr = _manager(directory, keep, create=True)
   if step not in mngr.all_steps():
     mngr.save(int(step), args=ocp.args.Composite(
@@ -241,10 +252,10 @@ def restore_state(directory: str, template: Any,
                               f"{directory}.")
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-      if isinstance(x, jax.Array) else x, template)
+      if isinstance(x, jax.Array) else x, _keys_as_data(template))
   out = mngr.restore(int(step), args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   mngr.close()
   state = jax.tree.unflatten(jax.tree.structure(template),
                              jax.tree.leaves(out["state"]))
-  return state, dict(out["meta"] or {})
+  return _data_as_keys(state, template), dict(out["meta"] or {})
