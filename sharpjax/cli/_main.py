@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import textwrap
+import threading
 import time
-from typing import Any, Optional, Sequence
+import warnings
+from typing import Optional, Sequence
 
 from sharpjax.cli import _methods
 from sharpjax.cli import _setup
+from sharpjax.cli import _validate
 
 _INT_HYPER = {"start_epoch", "delay_epochs", "update_every",
               "transition_steps", "k", "num_chunks", "num_fisher_samples"}
@@ -56,17 +61,6 @@ def _auto_or(kind):
     return kind(text)
   parse.__name__ = kind.__name__
   return parse
-
-
-def _parse_value(text: str) -> Any:
-  if text == _methods.AUTO:
-    return text
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
 
 
 def _preset_values(name: str) -> str:
@@ -140,10 +134,17 @@ def _add_common(p: argparse.ArgumentParser, presets: bool = False) -> None:
                  help="progress bars (auto: only when stdout is a terminal)")
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with a usage error on one line (no usage block)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
   fmt = argparse.RawDescriptionHelpFormatter
   epilog = EPILOG_METHODS.format(table=_methods_table())
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="sharpjax", formatter_class=fmt,
       description="Train, compare and measure sharpness-aware methods.",
       epilog="Run `sharpjax COMMAND --help` for each command's options.")
@@ -227,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--keep-checkpoints", type=int, default=2,
                  help="checkpoints kept (default 2)")
   t.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in --ckpt-dir")
+                 help="continue from the latest intact checkpoint in "
+                 "--ckpt-dir (a corrupt latest one is skipped with a warning)")
+  t.add_argument("--step", type=int, default=None,
+                 help="with --resume: continue from this checkpoint step "
+                 "instead")
   t.add_argument("--max-steps", type=int, default=None,
                  help="stop after this many steps in total (checkpointed; "
                  "continue later with --resume)")
@@ -287,28 +292,11 @@ def _config(args) -> _setup.Config:
       sharpness_examples=getattr(args, "sharpness_examples", 500),
       data_dir=getattr(args, "data_dir", None))
   _setup.check_names(config)
-  _setup.check_finite_config(config)
   return config
 
 
 def _flags(args) -> dict:
   return {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
-
-
-def _overrides(args, methods) -> dict:
-  """``{method: {param: value}}`` from ``--set METHOD.PARAM=VALUE``."""
-  out: dict = {}
-  for item in args.set:
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-      raise ValueError(f"--set expects METHOD.PARAM=VALUE, got {item!r}.")
-    key, value = item.split("=", 1)
-    method, param = key.split(".", 1)
-    _methods.get(method)
-    if method not in methods:
-      raise ValueError(f"--set {item}: method {method!r} is not selected "
-                       f"({', '.join(methods)}).")
-    out.setdefault(method, {})[param] = _parse_value(value)
-  return out
 
 
 def _show_progress(args) -> bool:
@@ -385,7 +373,6 @@ def cmd_compare(args) -> int:
 
   t_start = time.perf_counter()
   started = _report.utc_now()
-  _apply_preset(args)
   methods = _split_methods(args.methods)
   for m in methods:
     _methods.get(m)
@@ -394,10 +381,8 @@ def cmd_compare(args) -> int:
   if _report.BASELINE not in methods:
     methods.insert(0, _report.BASELINE)
     _log(f"note: {_report.BASELINE} added, the baseline of the comparison.")
-  if args.seeds < 1:
-    raise ValueError(f"--seeds must be >= 1, got {args.seeds}.")
   config = _config(args)
-  overrides = _overrides(args, methods)
+  overrides = _validate.overrides(args, methods)
   _report.check_out_dir(args.out)
   json_path = os.path.join(args.out, "results.json")
   env = _setup.make_env(config)
@@ -526,26 +511,36 @@ def cmd_train(args) -> int:
 
   _methods.get(args.method)
   config = _config(args)
-  overrides = _overrides(args, [args.method]).get(args.method, {})
+  overrides = _validate.overrides(args, [args.method]).get(args.method, {})
   _report.check_out_dir(args.out)
+  ckpt_dir = args.ckpt_dir or os.path.join(args.out, "checkpoints")
+  _report.check_out_dir(ckpt_dir, "--ckpt-dir")
   env = _setup.make_env(config)
   runner = _runner.MethodRunner(env, args.method, _flags(args), overrides)
   save_every = args.save_every or env.steps_per_epoch
-  if save_every < 1:
-    raise ValueError(f"--save-every must be >= 1, got {save_every}.")
-  ckpt_dir = args.ckpt_dir or os.path.join(args.out, "checkpoints")
-  ckpt = _checkpoint.Checkpointer(ckpt_dir, keep=max(1, args.keep_checkpoints))
+  ckpt = _checkpoint.Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
+  ckpt.clean()  # the folders of a save interrupted last time
   run_def = {"config": config.to_dict(), "method": args.method,
              "hyper": runner.hyper, "seed": args.seed,
              "steps_per_epoch": env.steps_per_epoch}
+  total = runner.total_steps
+  train_json = os.path.join(args.out, "train.json")
   if args.resume:
-    step, _ = ckpt.check_run(run_def)  # before building anything
-    state, meta = ckpt.restore(runner.init_state(args.seed), run_def, step)
+    ckpt.check_run(run_def, args.step)  # a clear mismatch before any array
+    state, meta, step = ckpt.restore(runner.init_state(args.seed), run_def,
+                                     args.step, writer=True)
     progress = _runner.Progress.from_dict(meta["progress"])
     if int(state.step) != progress.step:
       raise _checkpoint.CheckpointError(
-          f"checkpoint {ckpt_dir}: the state is at step {int(state.step)} but "
-          f"its metadata says {progress.step} (corrupt).")
+          f"checkpoint {ckpt_dir} step {step}: the state is at step "
+          f"{int(state.step)} but its metadata says {progress.step} (corrupt).")
+    end = total if args.max_steps is None else min(args.max_steps, total)
+    if progress.step >= end and os.path.exists(train_json):
+      why = ("finished" if progress.step >= total
+             else f"already at --max-steps {args.max_steps}")
+      _log(f"the run in {ckpt_dir} is {why} (step {progress.step} of "
+           f"{total}): nothing to train; {train_json} is left as it is.")
+      return 0
     _log(f"resuming {args.method} seed {args.seed} from step {progress.step} "
          f"(epoch {progress.step // env.steps_per_epoch + 1}, batch "
          f"{progress.step % env.steps_per_epoch}) in {ckpt_dir}")
@@ -555,7 +550,6 @@ def cmd_train(args) -> int:
           f"{ckpt_dir} already holds checkpoints (steps {ckpt.steps()}): pass "
           "--resume to continue that run, or choose another --ckpt-dir.")
     state, progress = None, None
-  total = runner.total_steps
   saved = {"step": None}
 
   def position(step):
@@ -596,7 +590,7 @@ def cmd_train(args) -> int:
              "complete": progress.step >= total, "checkpoint_dir": ckpt_dir,
              "result": result.to_dict(), "versions": _report.versions(),
              "device": _report.device_info()}
-  _report.write_json(os.path.join(args.out, "train.json"), payload)
+  _report.write_json(train_json, payload)
   f = result.final
   done = "done" if progress.step >= total else "stopped (--max-steps)"
   _log(f"{done} at step {progress.step}/{total} in "
@@ -625,16 +619,11 @@ def cmd_measure(args) -> int:
   base = os.path.basename(path.rstrip(os.sep))
   if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
     path, step = os.path.dirname(path), int(base)
-  ckpt = _checkpoint.Checkpointer(path)
-  step, meta = ckpt.read_meta(step)
-  run = meta["run"]
   out_dir = _report.check_out_dir(
       args.out or os.path.join(os.path.dirname(path), "measure"))
-  config = _setup.Config.from_dict(run["config"])
-  env = _setup.make_env(config)
-  runner = _runner.MethodRunner(env, run["method"], {}, run["hyper"])
-  state, meta = ckpt.restore(runner.init_state(run["seed"]), run, step)
-  probe = _runner.SharpnessProbe(env, args.num_examples)
+  runner, state, meta, step = _checkpoint.load_run(path, step)
+  run = meta["run"]
+  probe = _runner.SharpnessProbe(runner.env, args.num_examples)
   fixed = state.model_state
   loss = lambda p, b: probe.loss_fn((p, fixed), b)
   key = jax.random.PRNGKey(args.seed)
@@ -703,27 +692,101 @@ def cmd_measure(args) -> int:
   return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the ``sharpjax`` command line; returns the exit status."""
-  parser = build_parser()
-  argv = list(sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
-  args.argv = argv
+def _one_line(text: str) -> str:
+  return " ".join(line.strip() for line in str(text).splitlines()
+                  if line.strip())
+
+
+def _os_error(e: OSError) -> str:
+  """``"cannot write /x/y: No space left on device"``, naming the file."""
+  if e.filename is None:
+    return _one_line(e)
+  files = str(e.filename) + (f" -> {e.filename2}" if e.filename2 else "")
+  return f"{files}: {e.strerror or e}"
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str):
+  """sharpjax's own warnings as ``sharpjax CMD: warning: ...`` lines."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  shown = warnings.showwarning
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    if os.path.abspath(filename).startswith(package + os.sep):
+      print(f"{prefix}: warning: {_one_line(message)}", file=sys.stderr,
+            flush=True)
+    else:
+      shown(message, category, filename, lineno, file, line)
+
+  warnings.showwarning = show
+  try:
+    yield
+  finally:
+    warnings.showwarning = shown
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+  """SIGTERM ends a command like Ctrl-C (its checkpoints and results kept)."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+
+  def interrupt(signum, frame):
+    del frame
+    received.append(signum)
+    raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    yield received
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args, prefix: str) -> int:
+  if args.command == "compare":
+    _apply_preset(args)
   from sharpjax.cli import _checkpoint  # pylint: disable=g-import-not-at-top
   from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
   commands = {"compare": cmd_compare, "train": cmd_train,
               "measure": cmd_measure}
   try:
+    _validate.check(args)
     return commands[args.command](args)
   except _runner.NonFiniteLoss as e:
-    print(f"sharpjax {args.command}: error: {e}", file=sys.stderr)
+    print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
     return 1
   except _checkpoint.CheckpointError as e:
-    print(f"sharpjax {args.command}: checkpoint error: {e}", file=sys.stderr)
+    print(f"{prefix}: checkpoint error: {_one_line(e)}", file=sys.stderr)
     return 1
   except ValueError as e:
-    print(f"sharpjax {args.command}: error: {e}", file=sys.stderr)
+    print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
     return 2
+  except OSError as e:
+    print(f"{prefix}: error: {_os_error(e)}", file=sys.stderr)
+    return 1
+  except ImportError as e:
+    print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
-    print(f"\nsharpjax {args.command}: interrupted.", file=sys.stderr)
+    print(f"\n{prefix}: interrupted.", file=sys.stderr)
     return 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the ``sharpjax`` command line; returns the exit status.
+
+  A mistake in the arguments, a bad file or a failed write ends it with one
+  line on stderr and a non-zero status (2: the arguments; 1: the data, a
+  checkpoint, the disk; 130 / 143: Ctrl-C / SIGTERM, after what was saved).
+  """
+  parser = build_parser()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
+  args.argv = argv
+  prefix = f"sharpjax {args.command}"
+  with _one_line_warnings(prefix), _sigterm_as_interrupt() as received:
+    status = _run(args, prefix)
+  return 128 + signal.SIGTERM if received and status == 130 else status
