@@ -40,6 +40,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
+import time
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -238,6 +240,24 @@ def _agree(ok: bool) -> bool:
 # ---------------------------------------------------------------------------
 
 
+def _join_writer_threads(timeout: float = 30.0) -> None:
+  """Waits for orbax's writer threads still running after a failed save.
+
+  When one file of a save fails, the others' threads go on; left alone they
+  fail later, at interpreter shutdown, with tracebacks of their own ("Event
+  loop is closed"). Waiting here makes the failure complete when
+  :func:`save` raises.
+  """
+  deadline = time.monotonic() + timeout
+  for t in threading.enumerate():
+    if (t is not threading.current_thread()
+        and type(t).__name__ == "_SignalingThread"):
+      try:
+        t.join(max(0.0, deadline - time.monotonic()))
+      except Exception:  # pylint: disable=broad-except
+        pass  # its error is the one being reported (orbax's join re-raises)
+
+
 def save(directory: str, step: int, state: Any, meta: Optional[dict] = None,
          *, keep: Optional[int] = 2) -> int:
   """Writes ``state`` and ``meta`` as step ``step``; see :func:`save_state`."""
@@ -261,6 +281,7 @@ def save(directory: str, step: int, state: Any, meta: Optional[dict] = None,
   except Exception as e:  # pylint: disable=broad-except
     # A full disk or a permission error surfaces as OSError, ValueError or
     # tensorstore's errors depending on which file failed: one message.
+    _join_writer_threads()
     raise CheckpointError(
         f"cannot write checkpoint step {step} in {directory} (the previous "
         f"complete checkpoint is kept): {_first_line(e)}") from e
@@ -392,14 +413,19 @@ def _read_step(directory: str, step: int, template: Any) -> tuple[Any, dict]:
   return _data_as_keys(state, template), meta
 
 
-def _set_aside(directory: str, step: int) -> Optional[str]:
-  """Renames a corrupt step to ``STEP.corrupt`` (main process); the new name."""
+def set_aside(directory: str, step: int,
+              suffix: str = CORRUPT_SUFFIX) -> Optional[str]:
+  """Renames checkpoint ``step`` to ``STEP{suffix}``; returns the new path.
+
+  Orbax no longer lists it (nothing is deleted), so a run can save that step
+  again. Only the main process renames; None if the rename failed.
+  """
   src = _step_dir(directory, step)
-  dst = src + CORRUPT_SUFFIX
+  dst = src + suffix
   k = 1
   while os.path.exists(dst):
     k += 1
-    dst = f"{src}{CORRUPT_SUFFIX}{k}"
+    dst = f"{src}{suffix}{k}"
   if jax.process_index() == 0:
     try:
       os.rename(src, dst)
@@ -411,7 +437,7 @@ def _set_aside(directory: str, step: int) -> Optional[str]:
 def restore(directory: str, template: Any, step: Optional[int] = None, *,
             fallback: Optional[bool] = None,
             check: Optional[Callable[[int, dict], None]] = None,
-            set_aside: bool = True) -> Restored:
+            rename: bool = True) -> Restored:
   """Reads a checkpoint onto ``template``'s layout, verified; see below.
 
   Args:
@@ -423,8 +449,8 @@ def restore(directory: str, template: Any, step: Optional[int] = None, *,
       only when ``step`` is None).
     check: ``check(step, meta)`` before the arrays are read; what it raises
       propagates (no fallback): a checkpoint of another run is not corrupt.
-    set_aside: rename each skipped corrupt step to ``STEP.corrupt`` (a
-      writer does, so that it saves that step again; a reader should not).
+    rename: rename each skipped corrupt step to ``STEP.corrupt`` (a writer
+      does, so that it saves that step again; a reader should not).
 
   Returns:
     :class:`Restored` ``(state, meta, step, skipped)``.
@@ -463,7 +489,7 @@ def restore(directory: str, template: Any, step: Optional[int] = None, *,
       skipped.append((s, why or "another process could not read it"))
       continue
     if skipped:
-      moved = [_set_aside(directory, k) if set_aside else None
+      moved = [set_aside(directory, k) if rename else None
                for k, _ in skipped]
       warnings.warn(
           "; ".join(

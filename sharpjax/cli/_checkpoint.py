@@ -18,8 +18,11 @@ What this module adds is the ``meta`` of a ``sharpjax train`` checkpoint:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
 from typing import Any, Mapping, Optional
 
 from sharpjax._src import checkpoint as _ckpt
@@ -48,6 +51,41 @@ def _normalize(v):
   return json.loads(json.dumps(v))
 
 
+@contextlib.contextmanager
+def _stderr_dropped_on_failure():
+  """Holds back what is written to file descriptor 2 during a save.
+
+  When a save fails (a full disk), tensorstore's callbacks in orbax's other
+  writer threads print tracebacks from C++ ("Event loop is closed") straight
+  to the file descriptor; the command reports the failure in one line
+  instead, so that output is dropped. After a save that succeeds, anything
+  held back is written out.
+  """
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError):  # no real stderr: nothing to hold back
+    yield
+    return
+  failed = False
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except CheckpointError:
+      failed = True
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        text = held.read()
+        if text:
+          os.write(2, text)
+
+
 class Checkpointer:
   """One ``sharpjax train`` run's checkpoints in ``directory``.
 
@@ -68,13 +106,24 @@ class Checkpointer:
     """Removes unfinished saves (a writer calls it when it starts)."""
     return _ckpt.clean_unfinished(self.directory)
 
+  def set_aside_after(self, step: int) -> list[str]:
+    """Renames the checkpoints newer than ``step`` to ``STEP.superseded``.
+
+    ``train --resume --step`` does, so that the resumed run writes its own
+    checkpoints of those steps instead of keeping the old ones (kept aside).
+    """
+    moved = [_ckpt.set_aside(self.directory, s, ".superseded")
+             for s in self.steps() if s > step]
+    return [m for m in moved if m]
+
   def save(self, state: Any, run: Mapping[str, Any],
            progress: Mapping[str, Any], extra: Optional[Mapping] = None) -> int:
     """Writes ``state`` at step ``progress["step"]``; returns that step."""
     meta = {"format": FORMAT, "version": VERSION, "run": dict(run),
             "progress": dict(progress), **(dict(extra) if extra else {})}
-    return _ckpt.save(self.directory, int(progress["step"]), state, meta,
-                      keep=self.keep)
+    with _stderr_dropped_on_failure():
+      return _ckpt.save(self.directory, int(progress["step"]), state, meta,
+                        keep=self.keep)
 
   def _check_format(self, step: int, meta: Mapping[str, Any]) -> None:
     where = f"checkpoint {self.directory} step {step}"
@@ -159,7 +208,7 @@ class Checkpointer:
 
     try:
       r = _ckpt.restore(self.directory, template, step, check=check,
-                        set_aside=writer)
+                        rename=writer)
     except FileNotFoundError as e:
       raise CheckpointError(str(e)) from None
     return r.state, r.meta, r.step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -534,6 +535,11 @@ def cmd_train(args) -> int:
       raise _checkpoint.CheckpointError(
           f"checkpoint {ckpt_dir} step {step}: the state is at step "
           f"{int(state.step)} but its metadata says {progress.step} (corrupt).")
+    if args.step is not None:
+      moved = ckpt.set_aside_after(step)
+      if moved:
+        _log(f"note: --step {step}: the newer checkpoints are set aside "
+             f"(kept, no longer resumed from): {', '.join(moved)}")
     end = total if args.max_steps is None else min(args.max_steps, total)
     if progress.step >= end and os.path.exists(train_json):
       why = ("finished" if progress.step >= total
@@ -561,9 +567,12 @@ def cmd_train(args) -> int:
                               "loader_seed": args.seed}}
 
   def on_step(st, prog):
-    if prog.step % save_every == 0 or prog.step == total:
+    stop = bool(_TERM_RECEIVED)  # SIGTERM: save here, then stop
+    if prog.step % save_every == 0 or prog.step == total or stop:
       ckpt.save(st, run_def, prog.to_dict(), position(prog.step))
       saved["step"] = prog.step
+    if stop:
+      raise KeyboardInterrupt
 
   _log(f"sharpjax train: {args.method} seed {args.seed} on {config.data} "
        f"({len(env.train)} train), {config.model}, {config.epochs} epochs x "
@@ -577,10 +586,14 @@ def cmd_train(args) -> int:
         label=f"{args.method} seed {args.seed}")
   except KeyboardInterrupt:
     steps = ckpt.steps()
-    last = steps[-1] if steps else None
-    print(f"\ninterrupted. The last checkpoint is step {last} in {ckpt_dir}; "
-          "run the same command with --resume to continue.",
-          file=sys.stderr, flush=True)
+    how = "terminated (SIGTERM)" if _TERM_RECEIVED else "interrupted"
+    if steps:
+      print(f"\n{how}. The last checkpoint is step {steps[-1]} in "
+            f"{ckpt_dir}; run the same command with --resume to continue.",
+            file=sys.stderr, flush=True)
+    else:
+      print(f"\n{how} before the first checkpoint: nothing was saved in "
+            f"{ckpt_dir}.", file=sys.stderr, flush=True)
     return 130
   ckpt.save(state, run_def, progress.to_dict(), position(progress.step))
   result = _runner.summarize_run(args.method, args.seed, runner.hyper,
@@ -718,29 +731,45 @@ def _one_line_warnings(prefix: str):
     else:
       shown(message, category, filename, lineno, file, line)
 
+  # Orbax logs the error of a failed save from each of its writer threads,
+  # with their tracebacks, through absl; the command reports it in one line.
+  absl = logging.getLogger("absl")
+  level = absl.level
   warnings.showwarning = show
+  absl.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
     warnings.showwarning = shown
+    absl.setLevel(level)
+
+
+# The SIGTERMs received by the command running (see _sigterm_handled).
+_TERM_RECEIVED: list = []
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-  """SIGTERM ends a command like Ctrl-C (its checkpoints and results kept)."""
-  received = []
+def _sigterm_handled(graceful: bool):
+  """SIGTERM ends a command like Ctrl-C, its checkpoints and results kept.
+
+  With ``graceful`` (train) the first SIGTERM only asks: the run saves a
+  checkpoint at its next step boundary (a few steps) and stops; a second one
+  interrupts at once. Otherwise SIGTERM interrupts at once, as Ctrl-C does.
+  """
+  del _TERM_RECEIVED[:]
   if threading.current_thread() is not threading.main_thread():
-    yield received
+    yield _TERM_RECEIVED
     return
 
-  def interrupt(signum, frame):
+  def on_sigterm(signum, frame):
     del frame
-    received.append(signum)
-    raise KeyboardInterrupt
+    _TERM_RECEIVED.append(signum)
+    if not graceful or len(_TERM_RECEIVED) > 1:
+      raise KeyboardInterrupt
 
-  previous = signal.signal(signal.SIGTERM, interrupt)
+  previous = signal.signal(signal.SIGTERM, on_sigterm)
   try:
-    yield received
+    yield _TERM_RECEIVED
   finally:
     signal.signal(signal.SIGTERM, previous)
 
@@ -783,10 +812,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   checkpoint, the disk; 130 / 143: Ctrl-C / SIGTERM, after what was saved).
   """
   parser = build_parser()
+  from_console = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   args.argv = argv
   prefix = f"sharpjax {args.command}"
-  with _one_line_warnings(prefix), _sigterm_as_interrupt() as received:
+  with _one_line_warnings(prefix), _sigterm_handled(
+      graceful=args.command == "train") as received:
     status = _run(args, prefix)
-  return 128 + signal.SIGTERM if received and status == 130 else status
+  if status == 130 and received:
+    status = 128 + signal.SIGTERM
+  if status and from_console:
+    # Nothing is left to save or close. An interrupt that landed inside a
+    # compilation can leave XLA in a state that crashes the interpreter's
+    # final cleanup (status 139 instead of this one), and the writer threads
+    # of a failed orbax save print tracebacks at shutdown: skip that cleanup.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  return status
