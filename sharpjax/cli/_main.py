@@ -718,11 +718,21 @@ def _os_error(e: OSError) -> str:
   return f"{files}: {e.strerror or e}"
 
 
+def _closed_loop_noise(unraisable) -> bool:
+  exc = unraisable.exc_value
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
 @contextlib.contextmanager
-def _one_line_warnings(prefix: str):
-  """sharpjax's own warnings as ``sharpjax CMD: warning: ...`` lines."""
+def _one_line_reports(prefix: str, process_wide: bool):
+  """sharpjax's warnings as ``sharpjax CMD: warning: ...`` lines; the noise
+  of orbax's threads after a failed read or write dropped.
+
+  With ``process_wide`` (the console script, whose process ends with the
+  command) the filters stay for the interpreter's shutdown.
+  """
   package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  shown = warnings.showwarning
+  shown, unraisable_hook = warnings.showwarning, sys.unraisablehook
 
   def show(message, category, filename, lineno, file=None, line=None):
     if os.path.abspath(filename).startswith(package + os.sep):
@@ -731,17 +741,27 @@ def _one_line_warnings(prefix: str):
     else:
       shown(message, category, filename, lineno, file, line)
 
+  def unraisable(info):
+    # When a checkpoint read or write fails, tensorstore's callbacks still
+    # in flight post to orbax's closed event loop; the error itself is
+    # reported by the command.
+    if not _closed_loop_noise(info):
+      unraisable_hook(info)
+
   # Orbax logs the error of a failed save from each of its writer threads,
   # with their tracebacks, through absl; the command reports it in one line.
   absl = logging.getLogger("absl")
   level = absl.level
   warnings.showwarning = show
+  sys.unraisablehook = unraisable
   absl.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
-    warnings.showwarning = shown
-    absl.setLevel(level)
+    if not process_wide:
+      warnings.showwarning = shown
+      sys.unraisablehook = unraisable_hook
+      absl.setLevel(level)
 
 
 # The SIGTERMs received by the command running (see _sigterm_handled).
@@ -817,7 +837,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   args.argv = argv
   prefix = f"sharpjax {args.command}"
-  with _one_line_warnings(prefix), _sigterm_handled(
+  with _one_line_reports(prefix, from_console), _sigterm_handled(
       graceful=args.command == "train") as received:
     status = _run(args, prefix)
   if status == 130 and received:
