@@ -10,7 +10,6 @@ check what is kept, bit for bit.
 import concurrent.futures
 import os
 import pickle
-import resource
 import signal
 import subprocess
 import sys
@@ -78,14 +77,14 @@ def _write_cifar_files(folder):
   return empty, bad.parent, obj
 
 
-def _full_disk():
-  # Files can't grow past 2 KiB: the first checkpoint cannot be written
-  # (EFBIG, what a full disk gives as ENOSPC). Python ignores SIGXFSZ.
-  resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+# Files cannot grow past 2 KiB: the first checkpoint cannot be written (EFBIG,
+# what a full disk gives as ENOSPC; Python ignores SIGXFSZ). Through the shell,
+# not preexec_fn: forking a multithreaded JAX process to run Python is unsafe.
+FULL_DISK = ["/bin/sh", "-c", 'ulimit -f 2 && exec "$0" "$@"']
 
 
 def _misuses(tmp):
-  """``(argv, [what the one line must contain], exit status, preexec)``."""
+  """``(argv, [what the one line must contain], exit status, prefix)``."""
   afile = tmp / "afile"
   afile.write_text("not a directory")
   ckpt_empty = tmp / "ckpt-empty"
@@ -152,21 +151,21 @@ def _misuses(tmp):
   if os.path.isdir("/proc"):
     usage.append((t("pr", "--out", "/proc/sharpjax-test/out"),
                   ["--out /proc/sharpjax-test/out is not a writable"]))
-  cases = [(argv, needles, 2, None) for argv, needles in usage]
+  cases = [(argv, needles, 2, []) for argv, needles in usage]
   cases += [
       (c("--data", "cifar10", "--data-dir", str(empty)),
-       ["CIFAR-10 not found under", "empty"], 1, None),
+       ["CIFAR-10 not found under", "empty"], 1, []),
       (t("on", "--data", "cifar10", "--data-dir", str(objnpz)),
        ["cifar10.npz is not a CIFAR .npz of numeric arrays",
-        "allow_pickle"], 2, None),
-      (t("rs", "--resume"), ["checkpoint error: no checkpoint in"], 1, None),
+        "allow_pickle"], 2, []),
+      (t("rs", "--resume"), ["checkpoint error: no checkpoint in"], 1, []),
       (["measure", str(tmp / "missing")], ["no checkpoint directory"], 1,
-       None),
-      (m(), ["no checkpoint in", "ckpt-empty"], 1, None),
+       []),
+      (m(), ["no checkpoint in", "ckpt-empty"], 1, []),
       (t("full", "--method", "saf", "--epochs", "2", "--save-every", "5"),
        ["checkpoint error: cannot write checkpoint step 5 in",
         "the previous complete checkpoint is kept", "File too large"], 1,
-       _full_disk),
+       FULL_DISK),
   ]
   return cases
 
@@ -177,9 +176,9 @@ def test_every_misuse_is_one_line_through_the_console_script(tmp_path, cache):
   assert len(cases) >= 40
 
   def run(case):
-    argv, _, _, preexec = case
-    return subprocess.run(cmd + argv, env=env, capture_output=True, text=True,
-                          timeout=600, preexec_fn=preexec, cwd=tmp_path)
+    argv, _, _, prefix = case
+    return subprocess.run(prefix + cmd + argv, env=env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     procs = list(pool.map(run, cases))
