@@ -4,6 +4,7 @@ failed writes reported, typed PRNG keys."""
 
 import errno
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,65 @@ def test_a_failed_write_is_one_error_and_keeps_the_last_checkpoint(
                      "checkpoint directory"):
     (tmp_path / "afile").write_text("")
     launch.save_state(str(tmp_path / "afile" / "ckpt"), 1, _state(1))
+
+
+_TWO_PROCESS_PROGRAM = '''
+import sys
+import jax, numpy as np
+from sharpjax import launch
+launch.initialize()
+ckpt, mode = sys.argv[1], sys.argv[2]
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+def state(v):
+  # Random rows (not inlined in orbax's index): each process's files hold
+  # the rows of its devices.
+  full = np.random.default_rng(0).normal(size=(8, 4096)).astype(np.float32)
+  full[:, 0] = v
+  return {"w": jax.make_array_from_callback(full.shape, rows,
+                                            lambda i: full[i])}
+if mode == "save":
+  for s in (1, 2):
+    launch.save_state(ckpt, s, state(float(s)), {"step": s})
+else:
+  step = None if mode == "latest" else int(mode)
+  got, meta = launch.restore_state(ckpt, state(0.0), step=step)
+  values = sorted({float(np.asarray(s.data)[0, 0])
+                   for s in got["w"].addressable_shards})
+  print(f"restored {meta['step']} values {values}", flush=True)
+'''
+
+
+def test_a_corrupt_checkpoint_in_a_multi_process_run_is_an_error(tmp_path):
+  """2 processes x 2 devices; step 2 loses the files process 1 wrote. No
+  fallback (the processes' restore calls pair up in orbax's barriers): the
+  run stops with the error naming the step, and step=1 restores."""
+  import shutil
+  import subprocess
+  import sys
+  script = tmp_path / "program.py"
+  script.write_text(_TWO_PROCESS_PROGRAM)
+  ckpt = str(tmp_path / "ckpt")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+  def run(mode):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sharpjax.launch", "-n", "2", "-d", "2",
+         "--timeout", "240", "--", str(script), ckpt, mode], env=env,
+        capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+  rc, log = run("save")
+  assert rc == 0, log
+  shutil.rmtree(os.path.join(ckpt, "2", "state", "ocdbt.process_1"))
+  rc, log = run("latest")
+  assert rc != 0, log
+  assert re.search(r"^\[1\] .*CheckpointError: checkpoint .*ckpt step 2 is "
+                   r"corrupt: its arrays cannot be read", log, re.M), log
+  assert sorted(os.listdir(ckpt)) == ["1", "2"]  # nothing renamed
+  rc, log = run("1")
+  assert rc == 0, log
+  for i in (0, 1):
+    assert f"[{i}] restored 1 values [1.0]" in log, log

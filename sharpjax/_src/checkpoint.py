@@ -31,8 +31,10 @@ What it guarantees:
   (:class:`CheckpointWarning`) with the skipped step and why; the skipped
   directory is renamed ``STEP.corrupt`` (kept, not deleted) so that the run
   saves that step again. An explicit ``step`` that is corrupt raises
-  :class:`CheckpointError`. In a multi-process run the processes agree on the
-  step (one failing process makes all of them fall back).
+  :class:`CheckpointError`. So does any corrupt step in a multi-process run:
+  orbax's restore is collective (its barriers pair the processes' calls), so
+  a process that fails half way cannot safely try another step while the
+  others wait in a barrier; restart with an explicit older ``step``.
 """
 
 from __future__ import annotations
@@ -224,15 +226,6 @@ def clean_unfinished(directory: str) -> list[str]:
         f"{'s' if len(removed) > 1 else ''} (interrupted before complete): "
         + ", ".join(removed), CheckpointWarning, stacklevel=2)
   return removed
-
-
-def _agree(ok: bool) -> bool:
-  """True when every process has ``ok`` (one process: ``ok`` itself)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
-  return bool(np.min(flags))
 
 
 # ---------------------------------------------------------------------------
@@ -446,7 +439,8 @@ def restore(directory: str, template: Any, step: Optional[int] = None, *,
       shardings (its values are not used).
     step: the step to read (default: the latest complete one).
     fallback: when ``step`` is corrupt, try the next older steps (default:
-      only when ``step`` is None).
+      only when ``step`` is None; never in a multi-process run, see the
+      module docstring).
     check: ``check(step, meta)`` before the arrays are read; what it raises
       propagates (no fallback): a checkpoint of another run is not corrupt.
     rename: rename each skipped corrupt step to ``STEP.corrupt`` (a writer
@@ -471,6 +465,7 @@ def restore(directory: str, template: Any, step: Optional[int] = None, *,
                           f"available steps: {steps}.")
   if fallback is None:
     fallback = step is None
+  fallback = fallback and jax.process_count() == 1
   start = steps[-1] if step is None else int(step)
   candidates = [s for s in reversed(steps) if s <= start]
   if not fallback:
@@ -482,11 +477,8 @@ def restore(directory: str, template: Any, step: Optional[int] = None, *,
       if check is not None:
         check(s, meta)
       state, meta = _read_step(directory, s, template)
-      ok, why = True, None
     except _Corrupt as e:
-      ok, why = False, str(e)
-    if not _agree(ok):
-      skipped.append((s, why or "another process could not read it"))
+      skipped.append((s, str(e)))
       continue
     if skipped:
       moved = [set_aside(directory, k) if rename else None
@@ -520,7 +512,8 @@ def restore_state(directory: str, template: Any,
   Without ``step``, a corrupt latest checkpoint (unreadable files, changed
   bytes) is skipped with a :class:`CheckpointWarning` naming it, renamed
   ``STEP.corrupt`` (so that the run saves that step again), and the newest
-  intact one is restored.
+  intact one is restored. In a multi-process run a corrupt checkpoint raises
+  instead (orbax's restore is collective): pass an older ``step``.
 
   Args:
     directory: the checkpoint directory.
