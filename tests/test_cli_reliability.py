@@ -90,11 +90,16 @@ def _misuses(tmp):
   ckpt_empty = tmp / "ckpt-empty"
   ckpt_empty.mkdir()
   empty, badpickle, objnpz = _write_cifar_files(tmp)
-  out = lambda name: ["--out", str(tmp / "out" / name)]  # pylint: disable=unnecessary-lambda-assignment
   # The misused flag comes last: argparse keeps the last value of a flag.
-  t = lambda name, *a: ["train", *TINY, *out(name), *a]  # pylint: disable=unnecessary-lambda-assignment
-  c = lambda *a: ["compare", "--methods", "sam", *TINY, *a]  # pylint: disable=unnecessary-lambda-assignment
-  m = lambda *a: ["measure", str(ckpt_empty), *a]  # pylint: disable=unnecessary-lambda-assignment
+  def t(name, *a):
+    return ["train", *TINY, "--out", str(tmp / "out" / name), *a]
+
+  def c(*a):
+    return ["compare", "--methods", "sam", *TINY, *a]
+
+  def m(*a):
+    return ["measure", str(ckpt_empty), *a]
+
   usage = [
       (t("w1", "--width", "-3"), ["--width must be an integer >= 1, got -3"]),
       (c("--width", "-3"), ["--width must be an integer >= 1"]),

@@ -94,7 +94,7 @@ def _is_typed_key(x: Any) -> bool:
 
 
 def _keys_as_data(tree: Any) -> Any:
-  """Typed PRNG keys replaced by their raw ``uint32`` data (what orbax stores)."""
+  """Typed PRNG keys replaced by their raw ``uint32`` data (orbax stores it)."""
   return jax.tree.map(
       lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
 
@@ -169,7 +169,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def all_steps(directory: str) -> list[int]:
-  """Steps with a complete (finalised) checkpoint in ``directory``, ascending."""
+  """Steps with a complete (finalised) checkpoint in ``directory``, sorted."""
   if not os.path.isdir(directory):
     return []
   mngr = _manager(directory, None, create=False)

@@ -830,6 +830,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   A mistake in the arguments, a bad file or a failed write ends it with one
   line on stderr and a non-zero status (2: the arguments; 1: the data, a
   checkpoint, the disk; 130 / 143: Ctrl-C / SIGTERM, after what was saved).
+  Called without ``argv`` (the console script, ``python -m sharpjax.cli``), a
+  command that fails or is interrupted ends the process with ``os._exit``
+  after its message, skipping the interpreter's cleanup (see below).
   """
   parser = build_parser()
   from_console = argv is None

@@ -71,7 +71,7 @@ _MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
 
 def _mnist1d_problem(arrays: dict, num_examples: int,
                      train_split: float) -> Optional[str]:
-  """What is wrong with cached MNIST-1D arrays for these arguments (None: ok)."""
+  """What is wrong with cached MNIST-1D arrays for these arguments, or None."""
   n_train = len(arrays["y"])
   n_test = len(arrays["y_test"])
   if n_train + n_test != num_examples // 10 * 10 or n_train == 0:
