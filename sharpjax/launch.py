@@ -48,13 +48,17 @@ import traceback
 from typing import Optional, Sequence, TextIO
 
 from sharpjax._src import distributed as _dist
+from sharpjax._src.checkpoint import CheckpointError
+from sharpjax._src.checkpoint import CheckpointWarning
+from sharpjax._src.checkpoint import latest_step
+from sharpjax._src.checkpoint import restore_state
+from sharpjax._src.checkpoint import save_state
 from sharpjax._src.distributed import initialize
-from sharpjax._src.distributed import latest_step
 from sharpjax._src.distributed import process_rows
-from sharpjax._src.distributed import restore_state
-from sharpjax._src.distributed import save_state
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
     "initialize",
     "latest_step",
     "launch",

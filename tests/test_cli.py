@@ -33,14 +33,10 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _leaves(directory, step=None):
-  """The flat leaves and metadata of a train checkpoint, read back raw."""
-  ck = _checkpoint.Checkpointer(directory)
-  step, meta = ck.read_meta(step)
-  import orbax.checkpoint as ocp
-  arrays = ck._mngr(create=False).restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  return {d["path"]: np.asarray(arrays[f"leaf_{i:05d}"])
-          for i, d in enumerate(meta["leaves"])}, meta
+  """The leaves (by tree path) and metadata of a train checkpoint."""
+  _, state, meta, _ = _checkpoint.load_run(str(directory), step)
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}, meta
 
 
 # ---------------------------------------------------------------------------
@@ -422,11 +418,11 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
   ck = _checkpoint.Checkpointer(tmp_path / "other")
   ck.save({"w": np.zeros((3,), np.float32)}, {"method": "x"}, {"step": 1})
   with pytest.raises(_checkpoint.CheckpointError,
-                     match=r"does not fit this run's state: it has 1 arrays"):
+                     match=r"does not fit the template: it has 1 arrays"):
     ck.restore({"w": np.zeros((3,), np.float32), "b": np.zeros(2)})
   with pytest.raises(_checkpoint.CheckpointError,
-                     match=r"\['w'\]: checkpoint float32\[3\], this run "
-                           r"\['w'\] float32\[4\]"):
+                     match=r"\['w'\]: checkpoint float32\[3\], template "
+                           r"float32\[4\]"):
     ck.restore({"w": np.zeros((4,), np.float32)})
   # Metadata gone.
   meta_files = [os.path.join(d, f)

@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -255,3 +257,108 @@ def test_cifar_missing_is_a_clear_error(tmp_path):
     data.load_cifar(str(tmp_path), 100)
   with pytest.raises(ValueError, match="10 or 100"):
     data.load_cifar(str(tmp_path), 20)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
+def test_a_bad_mnist1d_cache_is_named_and_generated_again(tmp_path, damage):
+  train, test = data.load_mnist1d(200, cache_dir=str(tmp_path), seed=3)
+  (path,) = [tmp_path / f for f in os.listdir(tmp_path)]
+  raw = path.read_bytes()
+  if damage == "truncate":  # an interrupted copy
+    path.write_bytes(raw[:len(raw) // 2])
+    why = "BadZipFile"
+  elif damage == "flip":  # one changed byte: the zip's CRC-32 finds it
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    why = "CRC-32"
+  else:  # a well-formed file with the wrong content (another size)
+    np.savez(path, x=train.x[:10], y=train.y[:10], x_test=test.x,
+             y_test=test.y)
+    why = "it holds 10 \\+ 40 examples, expected 200"
+  with pytest.warns(UserWarning, match=f"the MNIST-1D cache {path} is "
+                    f"unusable \\(.*{why}.*\\); it is generated again"):
+    healed, _ = data.load_mnist1d(200, cache_dir=str(tmp_path), seed=3)
+  np.testing.assert_array_equal(healed.x, train.x)
+  np.testing.assert_array_equal(healed.y, train.y)
+  # Healed on disk: the next load reads it without a warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    again, _ = data.load_mnist1d(200, cache_dir=str(tmp_path), seed=3)
+  np.testing.assert_array_equal(again.x, train.x)
+
+
+def test_an_unwritable_mnist1d_cache_only_warns(tmp_path):
+  (tmp_path / "afile").write_text("")
+  folder = tmp_path / "afile" / "cache"  # under a file: cannot be created
+  with pytest.warns(UserWarning, match=f"cannot write the MNIST-1D cache "
+                    f"{folder}/mnist1d_n100"):
+    train, _ = data.load_mnist1d(100, cache_dir=str(folder))
+  assert train.x.shape == (80, 40)
+
+
+def _cifar_case(tmp_path, case):
+  """A CIFAR-10 directory with one bad file; (its path, the message)."""
+  folder = tmp_path / "cifar-10-batches-py"
+  _write_cifar10_pickles(folder)
+  bad = folder / "data_batch_2"
+  raw = bad.read_bytes()
+  if case == "truncated":
+    bad.write_bytes(raw[:len(raw) // 2])
+    return bad, "UnpicklingError: pickle data was truncated"
+  if case == "int literal":  # what a damaged protocol-0 pickle gives
+    bad.write_bytes(b"I12x4\n.")
+    return bad, ("ValueError: (invalid literal for int|could not convert "
+                 "string to int)")
+  if case == "no labels":
+    bad.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}))
+    return bad, "KeyError: b'labels'"
+  if case == "wrong shape":
+    bad.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8),
+                                  b"labels": [0, 1]}))
+    return bad, r"data is uint8\[2, 100\]"
+  raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["truncated", "int literal", "no labels",
+                                  "wrong shape"])
+def test_a_corrupt_cifar_pickle_is_named_with_what_was_expected(tmp_path,
+                                                                 case):
+  path, why = _cifar_case(tmp_path, case)
+  with pytest.raises(ValueError) as e:
+    data.load_cifar(str(tmp_path), 10)
+  msg = str(e.value)
+  assert msg.startswith(f"{path} is not a CIFAR python-pickle batch (a dict "
+                        "with b'data': uint8 [N, 3072] and b'labels': N "
+                        "integer labels): "), msg
+  assert len(msg.splitlines()) == 1
+  assert re.search(why, msg), msg
+
+
+def test_a_bad_cifar_npz_is_named(tmp_path):
+  path = tmp_path / "cifar10.npz"
+  ragged = np.empty(2, object)
+  ragged[0], ragged[1] = np.zeros(3), np.zeros(5)
+  np.savez(path, x_train=ragged, y_train=np.zeros(2), x_test=ragged,
+           y_test=np.zeros(2))
+  with pytest.raises(ValueError, match=f"{path} is not a CIFAR .npz of "
+                     "numeric arrays .*allow_pickle"):
+    data.load_cifar(str(tmp_path), 10)
+  x = np.zeros((3, 32, 32, 3), np.uint8)
+  np.savez(path, x_train=x, y_train=np.array([0, 10, 5]), x_test=x[:1],
+           y_test=np.array([7]))
+  with pytest.raises(ValueError, match=re.escape(f"{path}: train labels in "
+                                                 "[0, 10], expected classes "
+                                                 "0..9")):
+    data.load_cifar(str(tmp_path), 10)
+  np.savez(path, x_train=x, y_train=np.array([0, 1]), x_test=x[:1],
+           y_test=np.array([7]))
+  with pytest.raises(ValueError, match=re.escape(
+      f"{path}: 3 train images but labels int64[2]")):
+    data.load_cifar(str(tmp_path), 10)
+  np.savez(path, x_train=np.zeros((3, 32, 32)), y_train=np.array([0, 1, 2]),
+           x_test=x[:1], y_test=np.array([7]))
+  with pytest.raises(ValueError, match=re.escape(
+      f"{path}: train CIFAR images must be [N, 32, 32, 3]")):
+    data.load_cifar(str(tmp_path), 10)
+

@@ -1,9 +1,10 @@
-"""Multi-process runs: the runtime's initialization and sharded checkpoints.
+"""Multi-process runs: the runtime's initialization and each process's rows.
 
 One Python process per host (per TPU-pod host, per GPU node, or, for testing,
 per group of host CPU devices on one machine) runs the same program. The
 processes connect through ``jax.distributed``; a ``jax.sharding.Mesh`` over
-``jax.devices()`` (every process's devices) makes the arrays global.
+``jax.devices()`` (every process's devices) makes the arrays global. The
+sharded checkpoints live in :mod:`sharpjax._src.checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-
-from sharpjax._src.grain_state import data_item
 
 # Environment variables the launcher (sharpjax.launch) sets for its workers.
 ENV_COORDINATOR = "SHARPJAX_COORDINATOR_ADDRESS"
@@ -137,148 +136,3 @@ def process_rows(batch: Any, index: Optional[int] = None,
         f"{count} processes.")
   b = size // count
   return jax.tree.map(lambda x: x[index * b:(index + 1) * b], batch)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints of sharded state.
-# ---------------------------------------------------------------------------
-
-
-def _manager(directory: str, keep: Optional[int], create: bool):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "meta", "data"))
-
-
-def _is_typed_key(x: Any) -> bool:
-  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key)
-
-
-def _keys_as_data(tree: Any) -> Any:
-  """Typed PRNG keys replaced by their raw ``uint32`` data (what orbax stores)."""
-  return jax.tree.map(
-      lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
-
-
-def _data_as_keys(tree: Any, template: Any) -> Any:
-  """Raw key data back into typed keys wherever ``template`` holds one."""
-  return jax.tree.map(
-      lambda x, t: (jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
-                    if _is_typed_key(t) else x), tree, template)
-
-
-def save_state(directory: str, step: int, state: Any,
-               meta: Optional[dict] = None, *, keep: Optional[int] = 2,
-               data_iterator: Any = None) -> int:
-  """Writes a (possibly sharded, multi-process) state with orbax.
-
-  Every process must call it with its part of the same global arrays: each
-  process writes the shards it holds (one copy of replicated arrays), process
-  0 the metadata, and orbax renames the step directory only once every
-  process has finished, so a run killed during a save leaves the previous
-  step as the latest complete one. No array is gathered onto one host: a
-  logit bank sharded by example is written by the hosts that hold its rows.
-
-  Args:
-    directory: the run's checkpoint directory (shared by all processes:
-      a network file system or a bucket on a pod).
-    step: the step number (a checkpoint of that step already there is kept).
-    state: the pytree, e.g. a :class:`sharpjax.training.TrainState`. Typed
-      PRNG keys (``jax.random.key``) are stored as their raw key data and
-      come back typed when the template of :func:`restore_state` holds a
-      typed key there.
-    meta: JSON-serialisable extras, e.g. the data-iterator position
-      ``{"epoch": e, "batch": b}``.
-    keep: how many of the latest checkpoints to keep (None: all).
-    data_iterator: a grain iterator (e.g.
-      :meth:`sharpjax.data.GrainLoader.batches`, or
-      :func:`sharpjax.data.prefetch_to_device` over one, which saves the
-      position of the batches it has yielded) whose state is saved in the
-      same checkpoint (item ``data``: one JSON file per process, each
-      process's own position and workers' states), so that a restored run
-      reads exactly the batches it would have read.
-
-  Returns:
-    ``step``.
-
-  Example:
-    >>> import tempfile, jax.numpy as jnp
-    >>> from sharpjax import launch
-    >>> ckpt = tempfile.mkdtemp()
-    >>> launch.save_state(ckpt, 7, {"w": jnp.ones(3)}, {"epoch": 1})
-    7
-    >>> launch.restore_state(ckpt, {"w": jnp.zeros(3)})
-    ({'w': Array([1., 1., 1.], dtype=float32)}, {'epoch': 1})
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  state = _keys_as_data(state)
-  mngr = _manager(directory, keep, create=True)
-  if step not in mngr.all_steps():
-    mngr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(dict(meta or {})),
-        **data_item(data_iterator, save=True)))
-    mngr.wait_until_finished()
-  mngr.close()
-  return int(step)
-
-
-def latest_step(directory: str) -> Optional[int]:
-  """The latest complete checkpoint step in ``directory`` (None: none)."""
-  if not os.path.isdir(directory):
-    return None
-  mngr = _manager(directory, None, create=False)
-  step = mngr.latest_step()
-  mngr.close()
-  return step
-
-
-def restore_state(directory: str, template: Any,
-                  step: Optional[int] = None, *,
-                  data_iterator: Any = None) -> tuple[Any, dict]:
-  """Restores a checkpoint of :func:`save_state` onto ``template``'s layout.
-
-  The arrays come back with the shardings of ``template``'s arrays (e.g. a
-  fresh ``trainer.init`` of this run), so a checkpoint written by 2
-  processes restores into 1 process, or into 4, over whatever mesh the new
-  run uses; each process reads only the shards it will hold.
-
-  Args:
-    directory: the checkpoint directory.
-    template: a state with the wanted structure, shapes, dtypes and
-      shardings (its values are not used).
-    step: which checkpoint (default: the latest complete one).
-    data_iterator: a grain iterator of the same pipeline as the one saved
-      (:func:`save_state`'s ``data_iterator``); its state is set to this
-      process's saved one.
-
-  Returns:
-    ``(state, meta)``.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mngr = _manager(directory, None, create=False)
-  if step is None:
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"restore_state: no complete checkpoint in "
-                              f"{directory}.")
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-      if isinstance(x, jax.Array) else x, _keys_as_data(template))
-  out = mngr.restore(int(step), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  if data_iterator is not None:
-    if not os.path.isdir(os.path.join(directory, str(int(step)), "data")):
-      mngr.close()
-      raise FileNotFoundError(
-          f"restore_state: checkpoint {directory} step {step} holds no data "
-          "iterator state (it was saved without data_iterator=).")
-    mngr.restore(int(step), args=ocp.args.Composite(
-        **data_item(data_iterator, save=False)))
-  mngr.close()
-  state = jax.tree.unflatten(jax.tree.structure(template),
-                             jax.tree.leaves(out["state"]))
-  return _data_as_keys(state, template), dict(out["meta"] or {})

@@ -179,10 +179,14 @@ def resolve(method: Method, budget: Budget, flags: Mapping[str, Any],
 
 def build(method: Method, hyper: Hyper,
           budget: Budget) -> Optional[optax.GradientTransformation]:
-  """``method.build(hyper, budget)``, the ``ValueError`` prefixed by the name."""
+  """``method.build(hyper, budget)``; a refused value names the method.
+
+  The library's ``ValueError`` (out of range) and ``TypeError`` (not a
+  number) become one ``ValueError`` prefixed by the method's name.
+  """
   try:
     return method.build(hyper, budget)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     raise ValueError(f"method {method.name!r}: {e}") from e
 
 

@@ -114,9 +114,12 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "x") as f:
       f.write(text)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError):  # name the file meant, not the temporary one
+      raise OSError(e.errno, f"cannot write ({e.strerror or e})",
+                    path) from e
     raise
 
 

@@ -6,8 +6,6 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 from sharpjax.cli import _methods
 
 _EVAL_CHUNK = 2000
@@ -336,18 +334,3 @@ def make_env(config: Config, devices: Any = None, loader: str = "numpy",
   steps = len(train) // config.batch_size
   return Env(config, train, test, model, steps, devices, loader,
              loader_workers)
-
-
-def check_finite_config(config: Config) -> None:
-  for name in ("lr", "momentum", "weight_decay", "label_noise"):
-    v = getattr(config, name)
-    if not np.isfinite(v) or v < 0:
-      raise ValueError(f"--{name.replace('_', '-')} must be a finite number "
-                       f">= 0, got {v}.")
-  if config.epochs < 1:
-    raise ValueError(f"--epochs must be >= 1, got {config.epochs}.")
-  if config.batch_size < 1:
-    raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}.")
-  if config.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"--dtype must be float32 or bfloat16, got "
-                     f"{config.dtype!r}.")

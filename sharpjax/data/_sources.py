@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -65,6 +66,68 @@ def _generate_mnist1d(num_examples: int, train_split: float, seed: int):
   }
 
 
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def _mnist1d_problem(arrays: dict, num_examples: int,
+                     train_split: float) -> Optional[str]:
+  """What is wrong with cached MNIST-1D arrays for these arguments, or None."""
+  n_train = len(arrays["y"])
+  n_test = len(arrays["y_test"])
+  if n_train + n_test != num_examples // 10 * 10 or n_train == 0:
+    return (f"it holds {n_train} + {n_test} examples, expected "
+            f"{num_examples // 10 * 10} split {train_split:g}")
+  for x, y in ((arrays["x"], arrays["y"]), (arrays["x_test"],
+                                            arrays["y_test"])):
+    if x.ndim != 2 or x.shape[0] != y.shape[0] or x.dtype != np.float32:
+      return f"its inputs have shape {x.shape} / dtype {x.dtype}"
+    if y.dtype != np.int32 or y.min() < 0 or y.max() > 9:
+      return "its labels are not int32 classes 0..9"
+    if not np.isfinite(x).all():
+      return "its inputs are not finite"
+  return None
+
+
+def _read_mnist1d_cache(path: str, num_examples: int,
+                        train_split: float) -> Optional[dict]:
+  """The cached arrays, or None (with a warning naming the file) if bad.
+
+  Reading every array in full checks each one's CRC-32 (the .npz is a zip):
+  a truncated or altered file fails here instead of training on it.
+  """
+  try:
+    with open(path, "rb") as fh, np.load(fh) as f:
+      arrays = {k: np.asarray(f[k]) for k in _MNIST1D_KEYS}
+    why = _mnist1d_problem(arrays, num_examples, train_split)
+  except Exception as e:  # pylint: disable=broad-except
+    # BadZipFile (truncated, bad CRC), KeyError (an array missing),
+    # ValueError / OSError / EOFError: all mean the same, a bad cache.
+    text = str(e).strip().splitlines()
+    why = f"{type(e).__name__}: {text[0] if text else ''}"
+  if why is None:
+    return arrays
+  warnings.warn(f"the MNIST-1D cache {path} is unusable ({why}); it is "
+                "generated again.", stacklevel=3)
+  return None
+
+
+def _write_mnist1d_cache(path: str, arrays: dict) -> None:
+  """Writes the cache atomically; a failure only warns (it is a cache)."""
+  folder = os.path.dirname(path)
+  tmp = None
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except OSError as e:
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
+    warnings.warn(f"cannot write the MNIST-1D cache {path} ({e.strerror or e}"
+                  "); the data is generated again next time.", stacklevel=3)
+
+
 def load_mnist1d(
     num_examples: int = 5000,
     *,
@@ -79,7 +142,10 @@ def load_mnist1d(
   reproduce the standard 4,000/1,000 data set; the package's ``get_dataset``
   would download a pickle, this calls its generator instead. Generation takes
   about 0.2 s per 1,000 examples, so the arrays are cached as an ``.npz`` in
-  ``cache_dir`` (default :func:`default_cache_dir`) keyed by the arguments.
+  ``cache_dir`` (default :func:`default_cache_dir`) keyed by the arguments,
+  written atomically. A cache file that cannot be read in full (truncated,
+  a CRC-32 mismatch) or holds the wrong shapes is generated again, with a
+  warning naming it; a cache directory that cannot be written only warns.
 
   Args:
     num_examples: total examples, train + test (rounded down to a multiple of
@@ -114,16 +180,11 @@ def load_mnist1d(
     )
   arrays = None
   if path is not None and os.path.exists(path):
-    with np.load(path) as f:
-      arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+    arrays = _read_mnist1d_cache(path, num_examples, train_split)
   if arrays is None:
     arrays = _generate_mnist1d(num_examples, train_split, seed)
     if path is not None:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-      os.replace(tmp, path)
+      _write_mnist1d_cache(path, arrays)
   return Splits(
       ArrayDataset(arrays["x"], arrays["y"], 10, name="mnist1d/train"),
       ArrayDataset(arrays["x_test"], arrays["y_test"], 10, name="mnist1d/test"),
@@ -225,12 +286,73 @@ def _cifar_layouts(root: str, num_classes: int):
 def _read_pickles(folder: str, files: Sequence[str], key: bytes):
   xs, ys = [], []
   for name in files:
-    with open(os.path.join(folder, name), "rb") as f:
-      entry = pickle.load(f, encoding="bytes")
-    xs.append(np.asarray(entry[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-    ys.append(np.asarray(entry[key], np.int64))
+    path = os.path.join(folder, name)
+    try:
+      with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+      x = np.asarray(entry[b"data"])
+      y = np.asarray(entry[key])
+      if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise ValueError(f"data is {x.dtype}{list(x.shape)}")
+      if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{x.shape[0]} images but labels "
+                         f"{y.dtype}{list(y.shape)}")
+    except OSError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # A truncated or foreign file fails inside pickle in many ways
+      # ("invalid literal for int()", EOFError, UnpicklingError, KeyError).
+      raise ValueError(
+          f"{path} is not a CIFAR python-pickle batch (a dict with b'data': "
+          f"uint8 [N, 3072] and {key!r}: N integer labels): "
+          f"{_first_line(e)}.") from None
+    xs.append(x.reshape(-1, 3, 32, 32))
+    ys.append(y.astype(np.int64))
   x = np.concatenate(xs).transpose(0, 2, 3, 1)
   return x, np.concatenate(ys)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _read_npz(path: str):
+  keys = ("x_train", "y_train", "x_test", "y_test")
+  try:
+    with open(path, "rb") as fh, np.load(fh) as f:
+      missing = [k for k in keys if k not in f]
+      if missing:
+        raise ValueError(f"it lacks the arrays {missing}")
+      return tuple(np.asarray(f[k]) for k in keys)
+  except OSError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Object arrays ("load it unsafely with allow_pickle"), a bad zip, ...
+    raise ValueError(
+        f"{path} is not a CIFAR .npz of numeric arrays x_train, y_train, "
+        f"x_test, y_test: {_first_line(e)}.") from None
+
+
+def _check_cifar_arrays(where: str, arrays, num_classes: int):
+  """Images in NHWC float, labels int32 in range; errors name ``where``."""
+  x_train, y_train, x_test, y_test = arrays
+  out = []
+  for part, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+    try:
+      x = _as_nhwc_unit(x)
+    except ValueError as e:
+      raise ValueError(f"{where}: {part} {e}") from None
+    y = np.asarray(y).reshape(-1)
+    if not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
+      raise ValueError(f"{where}: {len(x)} {part} images but labels "
+                       f"{y.dtype}{list(y.shape)}; expected {len(x)} integer "
+                       "labels.")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f"{where}: {part} labels in [{y.min()}, {y.max()}], "
+                       f"expected classes 0..{num_classes - 1}.")
+    out += [x, y.astype(np.int32)]
+  return out
 
 
 def _as_nhwc_unit(x: np.ndarray) -> np.ndarray:
@@ -269,27 +391,25 @@ def load_cifar(
 
   Raises:
     FileNotFoundError: naming the files it looked for, when none is there.
+    ValueError: naming the file, when one is not what it should be (a
+      truncated or foreign pickle, object arrays in the .npz, wrong shapes,
+      labels out of range).
   """
   if num_classes not in (10, 100):
     raise ValueError(f"num_classes must be 10 or 100, got {num_classes}.")
   dirs, train_files, test_files, key, npz = _cifar_layouts(root, num_classes)
-  arrays = None
+  arrays = where = None
   for folder in dirs:
     if all(os.path.exists(os.path.join(folder, f))
            for f in train_files + test_files):
       x_train, y_train = _read_pickles(folder, train_files, key)
       x_test, y_test = _read_pickles(folder, test_files, key)
-      arrays = (x_train, y_train, x_test, y_test)
+      arrays, where = (x_train, y_train, x_test, y_test), folder
       break
   if arrays is None:
     for path in npz:
       if os.path.exists(path):
-        with np.load(path) as f:
-          missing = [k for k in ("x_train", "y_train", "x_test", "y_test")
-                     if k not in f]
-          if missing:
-            raise ValueError(f"{path} lacks the arrays {missing}.")
-          arrays = (f["x_train"], f["y_train"], f["x_test"], f["y_test"])
+        arrays, where = _read_npz(path), path
         break
   if arrays is None:
     expected = [os.path.join(dirs[0], f) for f in train_files + test_files]
@@ -300,16 +420,14 @@ def load_cifar(
         "fetch the data set yourself (for example from "
         "https://www.cs.toronto.edu/~kriz/cifar.html) and unpack it there."
     )
-  x_train, y_train, x_test, y_test = arrays
-  x_train, x_test = _as_nhwc_unit(x_train), _as_nhwc_unit(x_test)
+  x_train, y_train, x_test, y_test = _check_cifar_arrays(where, arrays,
+                                                         num_classes)
   if normalize:
     mean, std = CIFAR_MEAN[num_classes], CIFAR_STD[num_classes]
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
   name = f"cifar{num_classes}"
   return Splits(
-      ArrayDataset(x_train, np.asarray(y_train).astype(np.int32).reshape(-1),
-                   num_classes, name=f"{name}/train"),
-      ArrayDataset(x_test, np.asarray(y_test).astype(np.int32).reshape(-1),
-                   num_classes, name=f"{name}/test"),
+      ArrayDataset(x_train, y_train, num_classes, name=f"{name}/train"),
+      ArrayDataset(x_test, y_test, num_classes, name=f"{name}/test"),
   )
