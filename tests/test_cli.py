@@ -404,12 +404,16 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
   assert _train(tmp_path, "run", "--max-steps", "5") == 0
   ckpt = tmp_path / "run" / "checkpoints"
   step_dir = ckpt / "5" / "state"
-  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
-  data = max(files, key=os.path.getsize)
-  raw = bytearray(open(data, "rb").read())
-  for i in range(len(raw) // 3, len(raw) // 3 + 64):
-    raw[i] ^= 0xFF
-  open(data, "wb").write(bytes(raw))
+  # Every data file of the arrays (orbax may keep more than one copy of a
+  # chunk, depending on the device count; which one it reads is its own).
+  for d, _, fs in os.walk(step_dir):
+    if os.path.basename(d) != "d":
+      continue
+    for f in fs:
+      raw = bytearray(open(os.path.join(d, f), "rb").read())
+      for i in range(len(raw) // 3, len(raw) // 3 + 64):
+        raw[i % len(raw)] ^= 0xFF
+      open(os.path.join(d, f), "wb").write(bytes(raw))
   assert _train(tmp_path, "run", "--resume") == 1
   err = capsys.readouterr().err
   assert "checkpoint error" in err and "corrupt" in err and str(ckpt) in err
