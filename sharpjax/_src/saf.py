@@ -260,17 +260,11 @@ def saf(
           "sharpjax.saf: update() needs this step's logits and the examples' "
           "ids: tx.update(grads, opt_state, params, logits=logits, ids=ids)."
       )
-    size = trajectory_loss.check_logits(logits, num_classes, "saf")
-    _check_ids(ids, size)
-    epoch = trajectory_loss.epoch_of(state.count, state.steps_per_epoch)
-    slot = epoch % delay_epochs
-    rows, in_range = example_ids.table_rows(ids, num_examples)
     # The written rows depend on the rows read here (the same rows the penalty
     # read): without that data dependency XLA copies the whole donated bank on
     # every step to order the scatter after the gather (performance-notes.md).
-    old_logits = state.logit_bank.at[slot, rows].get(mode="fill", fill_value=0)
-    old_epochs = state.recorded_epoch.at[slot, rows].get(mode="fill",
-                                                         fill_value=-1)
+    epoch, slot, rows, in_range, old_logits, old_epochs = _this_epochs_rows(
+        state, logits, ids, "saf")
     # An id already written this epoch (a sampler that repeats it) keeps its
     # first row: the record of its first appearance.
     write = in_range & (old_epochs != epoch)
@@ -309,11 +303,17 @@ def _check_ids(ids: Any, size: int) -> None:
     raise ValueError(f"sharpjax.saf: ids must be integers, got {dtype}.")
 
 
-def _penalty(
-    state: SAFState, logits: jax.Array, ids: jax.Array, per_example: bool
-) -> jax.Array:
+def _this_epochs_rows(state: SAFState, logits: jax.Array, ids: jax.Array,
+                      name: str):
+  """The bank rows of ``ids`` in this epoch's slot, after checking the inputs.
+
+  Returns ``(epoch, slot, rows, in_range, logits, recorded_epochs)``: what
+  the penalty reads as targets and the update overwrites. An out-of-range id
+  maps past the end (``example_ids.table_rows``): it reads zeros and epoch
+  -1, and a write to it is dropped.
+  """
   delay_epochs, num_examples, num_classes = state.logit_bank.shape
-  size = trajectory_loss.check_logits(logits, num_classes, "trajectory_penalty")
+  size = trajectory_loss.check_logits(logits, num_classes, name)
   _check_ids(ids, size)
   epoch = trajectory_loss.epoch_of(state.count, state.steps_per_epoch)
   slot = epoch % delay_epochs
@@ -321,6 +321,15 @@ def _penalty(
   past = state.logit_bank.at[slot, rows].get(mode="fill", fill_value=0)
   recorded = state.recorded_epoch.at[slot, rows].get(mode="fill",
                                                      fill_value=-1)
+  return epoch, slot, rows, in_range, past, recorded
+
+
+def _penalty(
+    state: SAFState, logits: jax.Array, ids: jax.Array, per_example: bool
+) -> jax.Array:
+  delay_epochs = state.logit_bank.shape[0]
+  epoch, _, _, in_range, past, recorded = _this_epochs_rows(
+      state, logits, ids, "trajectory_penalty")
   # recorded >= 0: a never-written row (-1) is no target, even at epoch
   # delay_epochs - 1.
   valid = (in_range & (recorded >= 0) & (recorded == epoch - delay_epochs)

@@ -327,19 +327,12 @@ class GrainLoader:
     self.seed = int(seed)
     self.shuffle = shuffle
     self.augment = augment
-    self.num_shards = base.check_int("num_shards", num_shards, low=1)
-    self.shard_index = base.check_int("shard_index", shard_index, low=0)
+    self.num_shards, self.shard_index = _loader.check_shards(
+        self.batch_size, num_shards, shard_index)
     self.worker_count = base.check_int("worker_count", worker_count, low=0)
     self.worker_buffer_size = base.check_int("worker_buffer_size",
                                              worker_buffer_size, low=1)
     self.read_threads = base.check_int("read_threads", read_threads, low=1)
-    if self.shard_index >= self.num_shards:
-      raise ValueError(f"shard_index must be in [0, {self.num_shards}) "
-                       f"(num_shards), got {shard_index}.")
-    if self.batch_size % self.num_shards:
-      raise ValueError(
-          f"batch_size ({batch_size}) must be a multiple of num_shards "
-          f"({num_shards}): each shard gets an equal block of every batch.")
     if self.batch_size > len(self.source):
       raise ValueError(f"batch_size ({batch_size}) is larger than the source "
                        f"({len(self.source)} examples): no batch would be "

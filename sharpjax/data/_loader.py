@@ -18,6 +18,25 @@ Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 _SENTINEL = object()
 
 
+def check_shards(batch_size: int, num_shards: Any,
+                 shard_index: Any) -> tuple[int, int]:
+  """``(num_shards, shard_index)`` checked: each shard takes an equal block.
+
+  Shared by the loaders: ``shard_index`` in ``[0, num_shards)`` and a batch
+  size that ``num_shards`` divides.
+  """
+  num_shards = base.check_int("num_shards", num_shards, low=1)
+  shard_index = base.check_int("shard_index", shard_index, low=0)
+  if shard_index >= num_shards:
+    raise ValueError(f"shard_index must be in [0, {num_shards}) "
+                     f"(num_shards), got {shard_index}.")
+  if batch_size % num_shards:
+    raise ValueError(
+        f"batch_size ({batch_size}) must be a multiple of num_shards "
+        f"({num_shards}): each shard gets an equal block of every batch.")
+  return num_shards, shard_index
+
+
 class DataLoader:
   """Yields ``{"x", "y", "ids"}`` batches of an :class:`ArrayDataset`.
 
@@ -95,15 +114,8 @@ class DataLoader:
     self.augment = augment
     self.prefetch = base.check_int("prefetch", prefetch, low=0)
     self.transform = transform
-    self.num_shards = base.check_int("num_shards", num_shards, low=1)
-    self.shard_index = base.check_int("shard_index", shard_index, low=0)
-    if self.shard_index >= self.num_shards:
-      raise ValueError(f"shard_index must be in [0, {self.num_shards}) "
-                       f"(num_shards), got {shard_index}.")
-    if self.batch_size % self.num_shards:
-      raise ValueError(
-          f"batch_size ({batch_size}) must be a multiple of num_shards "
-          f"({num_shards}): each shard gets an equal block of every batch.")
+    self.num_shards, self.shard_index = check_shards(
+        self.batch_size, num_shards, shard_index)
     if self.num_shards > 1 and not drop_last:
       raise ValueError(
           "num_shards > 1 needs drop_last=True: a short last batch would not "

@@ -23,6 +23,14 @@ def _axes(ax: Any, projection: str | None = None, figsize=(5.0, 4.0)):
   return fig, ax
 
 
+def _finish(fig: Any, ax: Any, label: str | None) -> Any:
+  """A legend when the curve is labelled, a tight layout; the figure."""
+  if label is not None:
+    ax.legend()
+  fig.tight_layout()
+  return fig
+
+
 def plot_spectral_density(
     density: Any,
     *,
@@ -53,10 +61,7 @@ def plot_spectral_density(
     ax.plot(grid, dens, label=label)
   ax.set_xlabel("eigenvalue")
   ax.set_ylabel("density")
-  if label is not None:
-    ax.legend()
-  fig.tight_layout()
-  return fig
+  return _finish(fig, ax, label)
 
 
 def plot_slice_1d(
@@ -92,10 +97,7 @@ def plot_slice_1d(
     twin = ax.twinx()
     twin.plot(coords, err, linestyle="--", color="tab:red", label="error")
     twin.set_ylabel("error rate")
-  if label is not None:
-    ax.legend()
-  fig.tight_layout()
-  return fig
+  return _finish(fig, ax, label)
 
 
 def plot_slice_2d(

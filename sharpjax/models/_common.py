@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,3 +33,29 @@ def param_count(variables: Any) -> int:
   if isinstance(variables, dict) and "params" in variables:
     variables = variables["params"]
   return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(variables))
+
+
+class ResidualBlock(nn.Module):
+  """Base of the residual blocks: the keyword-only options they share.
+
+  Attributes:
+    axis_name: BatchNorm's cross-device axis under ``jax.pmap``.
+    dtype: computation dtype.
+  """
+
+  axis_name: Optional[str] = dataclasses.field(default=None, kw_only=True)
+  dtype: Any = dataclasses.field(default=jnp.float32, kw_only=True)
+
+
+def norm_and_conv(train: bool, axis_name: Optional[str], dtype: Any):
+  """The BatchNorm and bias-free convolution of the residual blocks.
+
+  BatchNorm with momentum 0.9 and epsilon 1e-5 (PyTorch's 0.1 / 1e-5, as the
+  papers' CIFAR code), running averages in eval mode, statistics averaged
+  over ``axis_name`` under ``pmap``.
+  """
+  norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9,
+      epsilon=1e-5, axis_name=axis_name, dtype=dtype)
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
+  return norm, conv

@@ -12,21 +12,15 @@ import jax.numpy as jnp
 from sharpjax.models import _common
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_common.ResidualBlock):
   """Two 3x3 convolutions with BatchNorm and an identity or 1x1 shortcut."""
 
   features: int
   strides: int = 1
-  axis_name: Optional[str] = None
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
-        epsilon=1e-5, axis_name=self.axis_name, dtype=self.dtype,
-    )
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm, conv = _common.norm_and_conv(train, self.axis_name, self.dtype)
     y = conv(self.features, (3, 3), (self.strides, self.strides),
              padding=((1, 1), (1, 1)))(x)
     y = nn.relu(norm()(y))
@@ -86,13 +80,10 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _common.check_rank("ResNet", x, (4,), "[B, H, W, C]")
-    x = x.astype(self.dtype)
-    x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, axis_name=self.axis_name,
-                     dtype=self.dtype)(x)
-    x = nn.relu(x)
+    norm, conv = _common.norm_and_conv(train, self.axis_name, self.dtype)
+    x = conv(self.width, (3, 3), padding=((1, 1), (1, 1)))(
+        x.astype(self.dtype))
+    x = nn.relu(norm()(x))
     for stage, size in enumerate(self.stage_sizes):
       for block in range(size):
         strides = 2 if stage > 0 and block == 0 else 1

@@ -58,14 +58,19 @@ class ViT(nn.Module):
     dtype: computation dtype.
 
   Example:
+    A small ViT for CIFAR-100 (a 32x32 image is 64 patches of 4x4, plus the
+    class token), its parameters counted from shapes alone:
+
     >>> import jax, jax.numpy as jnp
-    >>> from sharpjax.models import ViT
-    >>> model = ViT(hidden_size=32, depth=2, num_heads=2, mlp_dim=64)
-    >>> x = jnp.zeros((2, 32, 32, 3))
-    >>> # Shapes only (jax.eval_shape): call model.init / model.apply to compute.
-    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    >>> jax.eval_shape(model.apply, variables, x).shape
-    (2, 10)
+    >>> from sharpjax import models
+    >>> vit = models.ViT(hidden_size=32, depth=2, num_heads=2, mlp_dim=64,
+    ...                  num_classes=100)
+    >>> shapes = jax.eval_shape(vit.init, jax.random.key(0),
+    ...                         jnp.zeros((1, 32, 32, 3)))
+    >>> shapes["params"]["pos_embedding"].shape
+    (1, 65, 32)
+    >>> models.param_count(shapes)
+    24132
 
   References:
     Dosovitskiy et al., An Image is Worth 16x16 Words: Transformers for Image

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -12,22 +11,16 @@ import jax.numpy as jnp
 from sharpjax.models import _common
 
 
-class WideBlock(nn.Module):
+class WideBlock(_common.ResidualBlock):
   """BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 with a 1x1 shortcut on change."""
 
   features: int
   strides: int = 1
   dropout_rate: float = 0.0
-  axis_name: Optional[str] = None
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
-        epsilon=1e-5, axis_name=self.axis_name, dtype=self.dtype,
-    )
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm, conv = _common.norm_and_conv(train, self.axis_name, self.dtype)
     pre = nn.relu(norm()(x))
     y = conv(self.features, (3, 3), (self.strides, self.strides),
              padding=((1, 1), (1, 1)))(pre)
@@ -87,8 +80,8 @@ class WideResNet(nn.Module):
       )
     _common.check_rank("WideResNet", x, (4,), "[B, H, W, C]")
     blocks = (self.depth - 4) // 6
-    x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype)(x.astype(self.dtype))
+    norm, conv = _common.norm_and_conv(train, self.axis_name, self.dtype)
+    x = conv(16, (3, 3), padding=((1, 1), (1, 1)))(x.astype(self.dtype))
     for stage, strides in enumerate((1, 2, 2)):
       for block in range(blocks):
         x = WideBlock(
@@ -98,8 +91,5 @@ class WideResNet(nn.Module):
             axis_name=self.axis_name,
             dtype=self.dtype,
         )(x, train)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, axis_name=self.axis_name,
-                     dtype=self.dtype)(x)
-    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -26,6 +26,8 @@ paper counts features per example; pass ``grad_scale_per_example=True``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -125,12 +127,23 @@ def lsq_init_step(
 
 
 class _Quantizers(nn.Module):
-  """Mixin: the weight and input quantizers of a layer.
+  """Base of the quantized layers: their shared options and quantizers.
 
-  The subclasses declare the fields ``w_bits``, ``a_bits``, ``a_signed`` and
-  ``grad_scale_per_example`` after their own (so that ``features`` stays the
-  first positional field).
+  The options are keyword-only fields (a subclass's own fields, ``features``
+  first, stay positional): the initialisers and computation dtype of the
+  layer, and the weight and input quantizers' bits and scaling.
   """
+
+  kernel_init: Callable = dataclasses.field(
+      default=nn.initializers.lecun_normal(), kw_only=True)
+  bias_init: Callable = dataclasses.field(default=nn.initializers.zeros,
+                                          kw_only=True)
+  dtype: Any = dataclasses.field(default=jnp.float32, kw_only=True)
+  w_bits: Optional[int] = dataclasses.field(default=4, kw_only=True)
+  a_bits: Optional[int] = dataclasses.field(default=4, kw_only=True)
+  a_signed: bool = dataclasses.field(default=False, kw_only=True)
+  grad_scale_per_example: bool = dataclasses.field(default=False,
+                                                   kw_only=True)
 
   def _quantize_kernel(self, kernel: jax.Array) -> jax.Array:
     if self.w_bits is None:
@@ -188,13 +201,6 @@ class QuantDense(_Quantizers):
 
   features: int = 1
   use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
-  dtype: Any = jnp.float32
-  w_bits: Optional[int] = 4
-  a_bits: Optional[int] = 4
-  a_signed: bool = False
-  grad_scale_per_example: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -240,13 +246,6 @@ class QuantConv(_Quantizers):
   strides: Optional[Sequence[int]] = None
   padding: Any = "SAME"
   use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
-  dtype: Any = jnp.float32
-  w_bits: Optional[int] = 4
-  a_bits: Optional[int] = 4
-  a_signed: bool = False
-  grad_scale_per_example: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -10,6 +10,7 @@ is not verified.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -19,16 +20,25 @@ import jax.numpy as jnp
 from sharpjax.quant import _lsq
 
 
-def _layer_bits(index, num_layers, w_bits, a_bits, fp_first, fp_last):
-  """``(w_bits, a_bits, a_signed)`` of layer ``index`` under the convention."""
-  if index == num_layers - 1 and fp_last:
-    return None, None, False
-  if index == 0:
-    return (None if fp_first else w_bits), a_bits, True
-  return w_bits, a_bits, False
+class _QuantNet(nn.Module):
+  """Base of the quantized classifiers: the precision options (keyword-only)
+  and the convention that turns them into each layer's bits."""
+
+  w_bits: Optional[int] = dataclasses.field(default=4, kw_only=True)
+  a_bits: Optional[int] = dataclasses.field(default=4, kw_only=True)
+  fp_first: bool = dataclasses.field(default=True, kw_only=True)
+  fp_last: bool = dataclasses.field(default=True, kw_only=True)
+
+  def layer_bits(self, index: int, num_layers: int):
+    """``(w_bits, a_bits, a_signed)`` of layer ``index`` under the convention."""
+    if index == num_layers - 1 and self.fp_last:
+      return None, None, False
+    if index == 0:
+      return (None if self.fp_first else self.w_bits), self.a_bits, True
+    return self.w_bits, self.a_bits, False
 
 
-class QuantCNN1D(nn.Module):
+class QuantCNN1D(_QuantNet):
   """The zoo's :class:`~sharpjax.models.CNN1D` with LSQ fake quantization.
 
   Three convolutions (widths 5, 3, 3, stride 2, padding 1, ReLU) and a linear
@@ -55,10 +65,6 @@ class QuantCNN1D(nn.Module):
 
   num_classes: int = 10
   channels: int = 25
-  w_bits: Optional[int] = 4
-  a_bits: Optional[int] = 4
-  fp_first: bool = True
-  fp_last: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -70,23 +76,21 @@ class QuantCNN1D(nn.Module):
           f"sharpjax.quant.QuantCNN1D: expected [B, L] or [B, L, 1], got "
           f"shape {x.shape}."
       )
-    bits = lambda i: _layer_bits(i, 4, self.w_bits, self.a_bits,
-                                 self.fp_first, self.fp_last)
     for i, width in enumerate((5, 3, 3)):
-      wb, ab, signed = bits(i)
+      wb, ab, signed = self.layer_bits(i, 4)
       x = _lsq.QuantConv(
           self.channels, (width,), strides=(2,), padding=((1, 1),),
           w_bits=wb, a_bits=ab, a_signed=signed,
       )(x)
       x = nn.relu(x)
     x = jnp.reshape(x, (x.shape[0], -1))
-    wb, ab, signed = bits(3)
+    wb, ab, signed = self.layer_bits(3, 4)
     return _lsq.QuantDense(
         self.num_classes, w_bits=wb, a_bits=ab, a_signed=signed
     )(x)
 
 
-class QuantMLP(nn.Module):
+class QuantMLP(_QuantNet):
   """A ReLU MLP with LSQ fake quantization and the same layer convention.
 
   Attributes:
@@ -105,10 +109,6 @@ class QuantMLP(nn.Module):
 
   hidden: Sequence[int] = (100, 100)
   num_classes: int = 10
-  w_bits: Optional[int] = 4
-  a_bits: Optional[int] = 4
-  fp_first: bool = True
-  fp_last: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -116,8 +116,7 @@ class QuantMLP(nn.Module):
     x = jnp.reshape(x, (x.shape[0], -1))
     n = len(self.hidden) + 1
     for i, width in enumerate(tuple(self.hidden) + (self.num_classes,)):
-      wb, ab, signed = _layer_bits(i, n, self.w_bits, self.a_bits,
-                                   self.fp_first, self.fp_last)
+      wb, ab, signed = self.layer_bits(i, n)
       x = _lsq.QuantDense(width, w_bits=wb, a_bits=ab, a_signed=signed)(x)
       if i < n - 1:
         x = nn.relu(x)
