@@ -30,6 +30,9 @@ def _cache(tmp_path_factory, monkeypatch):
   # MNIST-1D is generated offline; keep its cache out of the home directory.
   monkeypatch.setenv("SHARPJAX_CACHE",
                      str(tmp_path_factory.getbasetemp() / "cache"))
+  # A command that fails after making its default --out leaves it in the
+  # working directory: keep that out of the checkout.
+  monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def _leaves(directory, step=None):

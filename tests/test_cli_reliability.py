@@ -1,8 +1,8 @@
 """Every command-line misuse ends in one line; checkpoints are never a trap.
 
-The misuses run through the ``sharpjax`` console script, as a user runs it:
-each must exit non-zero with one line on stderr that names the flag or the
-file, and no traceback. The checkpoint scenarios (a corrupt latest
+Each misuse must exit non-zero with one line on stderr that names the flag
+or the file, and no traceback; a few of them run through the ``sharpjax``
+console script, as a user runs it, the others in process. The checkpoint scenarios (a corrupt latest
 checkpoint, ``--resume --step``, a finished run, unfinished saves, SIGTERM)
 check what is kept, bit for bit.
 """
@@ -38,8 +38,11 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _cache_env(cache, monkeypatch):
+def _cache_env(cache, monkeypatch, tmp_path_factory):
   monkeypatch.setenv("SHARPJAX_CACHE", cache)
+  # A command that fails after making its default --out leaves it in the
+  # working directory: keep that out of the checkout.
+  monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def _console(cache):
@@ -175,27 +178,56 @@ def _misuses(tmp):
   return cases
 
 
-def test_every_misuse_is_one_line_through_the_console_script(tmp_path, cache):
+# The misuses that also run through the console script, as a user runs them
+# (a process start and a jax import each): a range check, an argparse error,
+# a data error, a checkpoint error and the full disk. The rest run in process,
+# where an uncaught exception fails the test as a traceback would.
+THROUGH_THE_CONSOLE = ("w1", "nf", "cp", "rs", "full")
+
+
+def _in_process(argv, capsys):
+  """``main(argv)``'s exit status and stderr, argparse's exits included."""
+  try:
+    status = main(argv)
+  except SystemExit as e:  # argparse's usage errors
+    status = e.code
+  return status, capsys.readouterr().err
+
+
+def test_every_misuse_is_one_line(tmp_path, cache, capsys):
   cmd, env = _console(cache)
   cases = _misuses(tmp_path)
   assert len(cases) >= 40
 
-  def run(case):
+  def console(case):
     argv, _, _, prefix = case
-    return subprocess.run(prefix + cmd + argv, env=env, capture_output=True,
+    proc = subprocess.run(prefix + cmd + argv, env=env, capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
+    return proc.returncode, proc.stderr
 
+  def tag(argv):
+    out = [a for a in argv if str(tmp_path / "out") in a]
+    return os.path.basename(out[0]) if out else None
+
+  console_cases = [c for c in cases if tag(c[0]) in THROUGH_THE_CONSOLE]
+  assert len(console_cases) == len(THROUGH_THE_CONSOLE)
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    procs = list(pool.map(run, cases))
+    console_runs = pool.map(console, console_cases)
+    results = {id(c): r for c, r in zip(console_cases, console_runs)}
+  for case in cases:
+    if id(case) not in results:
+      results[id(case)] = _in_process(case[0], capsys)
   bad = []
-  for (argv, needles, status, _), proc in zip(cases, procs):
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    ok = (proc.returncode == status and len(lines) == 1
-          and "Traceback" not in proc.stderr
+  for case in cases:
+    argv, needles, status, _ = case
+    returncode, stderr = results[id(case)]
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    ok = (returncode == status and len(lines) == 1
+          and "Traceback" not in stderr
           and all(n in lines[0] for n in needles))
     if not ok:
-      bad.append(f"{' '.join(argv)}\n  -> status {proc.returncode} (want "
-                 f"{status}), stderr:\n{proc.stderr[-1500:]}")
+      bad.append(f"{' '.join(argv)}\n  -> status {returncode} (want "
+                 f"{status}), stderr:\n{stderr[-1500:]}")
   assert not bad, "\n".join(bad)
 
 
