@@ -1,6 +1,7 @@
 """The example scripts run and print what they promise."""
 
 import pathlib
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,11 @@ def test_quickstart_example_trains_sgd_and_sam():
   proc = subprocess.run(
       [sys.executable, str(ROOT / "examples" / "quickstart.py")],
       capture_output=True, text=True, timeout=600,
-      env={"PATH": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+      env={"PATH": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           # The suite's compile settings (conftest.py).
+           **{k: v for k, v in os.environ.items()
+              if k.startswith(("JAX_DISABLE", "JAX_COMPILATION",
+                               "JAX_PERSISTENT"))}})
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   assert lines[0].split() == ["method", "test", "acc", "train", "loss",

@@ -111,8 +111,11 @@ def test_regularizer_refreshes_every_k_steps_and_adds_gradient():
 
 
 def chex_close(a, b):
+  # The penalty's gradient is a third derivative of the loss, in float32: the
+  # jitted and the reference computation differ by ~1e-7 in absolute terms
+  # on entries of ~1e-3.
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_regularizer_in_a_chain_trains():
