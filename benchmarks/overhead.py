@@ -101,6 +101,8 @@ class Method:
   resnet_cpu_skip: str = ""
   # Why the row cannot run through make_trainer ("" = it can).
   trainer_skip: str = ""
+  # The note through make_trainer, where it differs from ``note``.
+  trainer_note: str = ""
 
 
 def _sgd():
@@ -134,6 +136,8 @@ METHODS = [
     Method("looksam", lambda: optax.chain(
         sj.looksam(rho=0.05, k=5, alpha=0.7), _sgd()),
            note="k=5: second pass on 1 step in 5 (lax.cond)",
+           trainer_note="k=5: make_trainer picks the step on the host (two "
+           "compiled steps, no conditional)",
            resnet_cpu_skip=(
                "not timed: XLA:CPU runs a convolution's backward inside "
                "lax.cond on a slow single-threaded path (jax-ml/jax#12868); "
@@ -141,7 +145,9 @@ METHODS = [
     Method("looksam (select)", lambda: optax.chain(
         sj.looksam(rho=0.05, k=5, alpha=0.7, branch="select"), _sgd()),
            note="k=5, branch='select': second pass on every step, kept on "
-           "1 in 5 (for conv nets on XLA:CPU)"),
+           "1 in 5 (for conv nets on XLA:CPU)",
+           trainer_note="k=5: make_trainer picks the step on the host (two "
+           "compiled steps, no conditional)"),
     Method("fsam", lambda: optax.chain(
         sj.fsam(rho=0.05, sigma=1.0, lam=0.95), _sgd())),
     Method("msam", lambda: optax.chain(sj.msam(rho=0.05, num_chunks=8), _sgd()),
@@ -410,7 +416,8 @@ def main(argv=None):
         ms_per_step=1e3 * best[m.name],
         ratio_to_sgd=best[m.name] / baseline,
         all_ms=[1e3 * t for t in runner.times],
-        temp_bytes=runner.temp_bytes, note=m.note))
+        temp_bytes=runner.temp_bytes,
+        note=m.trainer_note if args.trainer and m.trainer_note else m.note))
   for m, why in skipped:
     results.append(dict(
         method=m.name, num_classes=m.num_classes, ms_per_step=None,
