@@ -54,6 +54,8 @@ def _console(cache):
              PYTHONPATH=os.pathsep.join(
                  [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   env.pop("XLA_FLAGS", None)  # one device is enough; starts faster
+  # No compilation cache: on the full disk its writes would warn on stderr.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   return cmd, env
 
 

@@ -55,8 +55,9 @@ class WideResNet(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> from sharpjax.models import WideResNet
     >>> model = WideResNet(depth=10, widen_factor=1)
-    >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
-    >>> model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape
+    >>> x = jnp.zeros((2, 32, 32, 3))
+    >>> variables = jax.jit(model.init)(jax.random.key(0), x)  # one compile
+    >>> jax.jit(model.apply)(variables, x).shape
     (2, 10)
 
   References:

@@ -59,7 +59,8 @@ class QuantCNN1D(_QuantNet):
     >>> from sharpjax.quant import QuantCNN1D
     >>> model = QuantCNN1D(w_bits=4, a_bits=4)
     >>> x = jax.random.normal(jax.random.key(0), (4, 40))
-    >>> model.apply(model.init(jax.random.key(1), x), x).shape
+    >>> variables = jax.jit(model.init)(jax.random.key(1), x)
+    >>> jax.jit(model.apply)(variables, x).shape
     (4, 10)
   """
 
