@@ -2,9 +2,9 @@
 
 Each misuse must exit non-zero with one line on stderr that names the flag
 or the file, and no traceback; a few of them run through the ``sharpjax``
-console script, as a user runs it, the others in process. The checkpoint scenarios (a corrupt latest
-checkpoint, ``--resume --step``, a finished run, unfinished saves, SIGTERM)
-check what is kept, bit for bit.
+console script, as a user runs it, the others in process. The checkpoint
+scenarios (a corrupt latest checkpoint, ``--resume --step``, a finished run,
+unfinished saves, SIGTERM) check what is kept, bit for bit.
 """
 
 import concurrent.futures
@@ -214,11 +214,11 @@ def test_every_misuse_is_one_line(tmp_path, cache, capsys):
   console_cases = [c for c in cases if tag(c[0]) in THROUGH_THE_CONSOLE]
   assert len(console_cases) == len(THROUGH_THE_CONSOLE)
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    console_runs = pool.map(console, console_cases)
-    results = {id(c): r for c, r in zip(console_cases, console_runs)}
-  for case in cases:
-    if id(case) not in results:
-      results[id(case)] = _in_process(case[0], capsys)
+    # The subprocesses run while the in-process cases do.
+    running = {id(c): pool.submit(console, c) for c in console_cases}
+    results = {id(c): _in_process(c[0], capsys) for c in cases
+               if id(c) not in running}
+    results.update({key: run.result() for key, run in running.items()})
   bad = []
   for case in cases:
     argv, needles, status, _ = case
