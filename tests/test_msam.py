@@ -30,6 +30,14 @@ def clean_grads():
   return jax.grad(lambda p: Q.loss(p, Q.batch).mean())(Q.params())
 
 
+def one_update(num_chunks, chunk_loop):
+  """One jitted mSAM update at Q's initial parameters: (updates, state)."""
+  params = Q.params()
+  tx = sj.msam(rho=0.3, num_chunks=num_chunks, chunk_loop=chunk_loop)
+  return helpers.jit_update(tx, clean_grads(), tx.init(params), params,
+                            loss_fn=Q.loss, batch=Q.batch)
+
+
 class MSAMTest(parameterized.TestCase):
 
   def test_one_chunk_is_sam(self):
@@ -41,10 +49,7 @@ class MSAMTest(parameterized.TestCase):
   @parameterized.parameters(*LOOPS)
   def test_one_chunk_per_example_is_the_per_example_formula(self, chunk_loop):
     # 1-SAM: d = mean_i grad l_i(w + rho grad l_i(w) / |grad l_i(w)|).
-    params = Q.params()
-    tx = sj.msam(rho=0.3, num_chunks=4, chunk_loop=chunk_loop)
-    d, _ = helpers.jit_update(tx, clean_grads(), tx.init(params), params,
-                              loss_fn=Q.loss, batch=Q.batch)
+    d, _ = one_update(4, chunk_loop)
     want = np.mean([A @ (W0 + 0.3 * unit(A @ (W0 - c)) - c) for c in CENTRES],
                    axis=0)
     np.testing.assert_allclose(Q.flat(d), want, rtol=1e-5, atol=1e-6)
@@ -60,10 +65,7 @@ class MSAMTest(parameterized.TestCase):
 
   @parameterized.parameters(*LOOPS)
   def test_diagnostics(self, chunk_loop):
-    params = Q.params()
-    tx = sj.msam(rho=0.3, num_chunks=2, chunk_loop=chunk_loop)
-    _, state = helpers.jit_update(tx, clean_grads(), tx.init(params), params,
-                                  loss_fn=Q.loss, batch=Q.batch)
+    _, state = one_update(2, chunk_loop)
     d = sj.diagnostics(state)
     chunks = np.split(CENTRES, 2)
 
