@@ -132,12 +132,53 @@ def test_overhead_table_shows_an_untimed_row_with_its_reason():
   meta = dict(repeats=3, steps=5, model="ResNet-18", batch=128, device="cpu",
               cpu_count=2, jax="x", commit="abc", date="today")
   rows = [dict(method="sgd", num_classes=10, ms_per_step=4000.0,
-               ratio_to_sgd=1.0, temp_bytes=2**20, note=""),
+               ratio_to_sgd=1.0, ratio_iqr=[1.0, 1.0], temp_bytes=2**20,
+               note=""),
+          dict(method="sam", num_classes=10, ms_per_step=8000.0,
+               ratio_to_sgd=1.95, ratio_iqr=[1.9, 2.05], temp_bytes=None,
+               note=""),
           dict(method="looksam", num_classes=10, ms_per_step=None,
                ratio_to_sgd=None, temp_bytes=None, note="not timed: slow")]
   lines = overhead.markdown(rows, meta).splitlines()
-  assert lines[-2] == "| sgd | 10 | 4000.000 | 1.00x | 1.00 |  |"
-  assert lines[-1] == "| looksam | 10 | | | | not timed: slow |"
+  assert lines[-3] == "| sgd | 10 | 4000.000 | 1.00x | 1.00-1.00 | 1.00 |  |"
+  assert lines[-2] == "| sam | 10 | 8000.000 | 1.95x | 1.90-2.05 |  |  |"
+  assert lines[-1] == "| looksam | 10 | | | | | not timed: slow |"
+
+
+class _FakeRunner:
+  """A runner whose windows take the times it is given, in order."""
+
+  def __init__(self, name, window_times, log):
+    self.method = type("M", (), {"name": name})()
+    self.window_times, self.log = list(window_times), log
+    self.times, self.ratios = [], []
+
+  def run(self, steps):
+    self.log.append(self.method.name)
+    return self.window_times.pop(0)
+
+
+def test_overhead_pairs_every_window_with_the_sgd_window_just_before_it():
+  # The machine slows down 3x between the two methods' windows: a ratio of
+  # minima would mix the two speeds, the paired ratios do not.
+  time_windows = import_script("overhead").time_windows
+  log = []
+  sgd = _FakeRunner("sgd", [1.0, 3.0], log)
+  sam = _FakeRunner("sam", [2.0], log)
+  msam = _FakeRunner("msam", [7.5], log)
+  baseline_of = {"sgd": sgd, "sam": sgd, "msam": sgd}
+  time_windows([sgd, sam, msam], baseline_of, steps=30)
+  assert log == ["sgd", "sam", "sgd", "msam"]
+  assert sam.ratios == [2.0] and msam.ratios == [2.5]
+  assert sgd.times == [1.0, 3.0] and sgd.ratios == [1.0, 1.0]
+
+
+def test_overhead_times_an_unpaired_baseline_on_its_own():
+  time_windows = import_script("overhead").time_windows
+  log = []
+  sgd = _FakeRunner("sgd", [1.0], log)
+  time_windows([sgd], {"sgd": sgd}, steps=30)
+  assert log == ["sgd"] and sgd.times == [1.0] and sgd.ratios == [1.0]
 
 
 def test_input_pipeline_times_every_feeding_mode(tmp_path):
