@@ -99,7 +99,7 @@ def msam(
     large batch prefer ``"vmap"`` or per-device perturbations (below).
   * ``chunk_loop="vmap"``: one ``vmap`` over the chunks. The per-chunk
     weights make every convolution a grouped (batched) one, which XLA runs
-    far slower (about 4.3x SGD against 2.4x unrolled on the CPU CNN1D of
+    far slower (about 4.2x SGD against 2.5x unrolled on the CPU CNN1D of
     ``benchmarks/overhead.py``, 8 chunks; 4.9x SGD measured on a GPU
     ResNet-18), while dense layers become batched matrix products; the
     program is compiled once whatever ``num_chunks``.
