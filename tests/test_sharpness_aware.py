@@ -256,3 +256,32 @@ class HyperParameterTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+# ---------------------------------------------------------------------------
+# The float32 tree reductions the ascent steps and the diagnostics share.
+# ---------------------------------------------------------------------------
+
+
+def test_tree_inner_products_match_numpy_on_small_and_large_leaves():
+  from sharpjax._src import base  # pylint: disable=g-import-not-at-top
+  # Two leaves above the concatenation threshold, three below it, one
+  # bfloat16: every grouping path, each product accumulated in float32.
+  shapes = {"big": (300, 300), "bias": (7,), "scale": (3, 5),
+            "kernel": (2**16 + 1,), "half": (40,)}
+  def tree(seed):
+    r = np.random.default_rng(seed)
+    t = {k: jnp.asarray(r.normal(size=s), jnp.float32) for k, s in
+         shapes.items()}
+    t["half"] = t["half"].astype(jnp.bfloat16)
+    return t
+  a, b, c = tree(1), tree(2), tree(3)
+  flat = lambda t: np.concatenate(
+      [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(t)])
+  expected = [flat(a) @ flat(b), flat(b) @ flat(b), flat(a) @ flat(c)]
+  got = jax.jit(base.tree_inner_products)((a, b), (b, b), (a, c))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(base.tree_vdot_f32)(a, c), expected[2],
+                             rtol=1e-5)
+  assert base.tree_vdot_f32({}, {}).dtype == jnp.float32
+  assert float(base.tree_norm_f32({})) == 0.0
