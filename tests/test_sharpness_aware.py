@@ -265,8 +265,8 @@ if __name__ == "__main__":
 
 def test_tree_inner_products_match_numpy_on_small_and_large_leaves():
   from sharpjax._src import base  # pylint: disable=g-import-not-at-top
-  # Two leaves above the concatenation threshold, three below it, one
-  # bfloat16: every grouping path, each product accumulated in float32.
+  # Leaves of several sizes and ranks, one bfloat16: each product of a leaf
+  # accumulated in float32, and every leaf counted once.
   shapes = {"big": (300, 300), "bias": (7,), "scale": (3, 5),
             "kernel": (2**16 + 1,), "half": (40,)}
   def tree(seed):

@@ -118,42 +118,33 @@ def tree_vdot_f32(a: Any, b: Any) -> jax.Array:
   """Inner product of two pytrees, accumulated in float32."""
   # sum(x * y) rather than vdot: XLA:CPU lowers vdot to a chain of
   # reduce-windows, several kernels per leaf, which dominates small models.
-  if not jax.tree.leaves(a):
-    return jnp.zeros((), jnp.float32)
-  return tree_inner_products((a, b))[0]
-
-
-# Leaves up to this many elements are concatenated before the inner
-# products: one kernel for all of a model's biases and norm scales instead of
-# one each, at the cost of a copy no larger than they are.
-_SMALL_LEAF = 1 << 16
+  parts = jax.tree.map(
+      lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b
+  )
+  return sum(jax.tree.leaves(parts), jnp.zeros((), jnp.float32))
 
 
 def tree_inner_products(*pairs: tuple[Any, Any]) -> jax.Array:
-  """Several float32 inner products of pytree pairs, in few kernels.
+  """Several float32 inner products of pytree pairs, in one pass per leaf.
 
   Returns a vector ``[<a_1, b_1>, ..., <a_k, b_k>]``. The ``k`` products of a
   leaf are summed by one variadic reduction, which XLA fuses with the
-  multiplications: one kernel reads each input once, and no stacked copy of
-  the products is written. Leaves of at most ``2**16`` elements are first
-  concatenated into one vector per tree, so that a model's many small leaves
-  (biases, normalization scales) cost one reduction rather than one kernel
-  launch each, the cost that dominates on small models and on GPUs.
+  multiplications: one kernel per leaf reads each input once, and no stacked
+  copy of the products is written (separate reductions cost a kernel launch
+  each on small models; a stack of the products costs a write and a read of
+  ``k`` leaf-sized arrays).
   """
+  leaves = [jax.tree.leaves(t) for pair in pairs for t in pair]
   k = len(pairs)
-  trees = [jax.tree.leaves(t) for pair in pairs for t in pair]
-  sizes = [jnp.size(x) for x in trees[0]]
-  small = [i for i, n in enumerate(sizes) if n <= _SMALL_LEAF]
-  groups = [[i] for i, n in enumerate(sizes) if n > _SMALL_LEAF]
-  if small:
-    groups.append(small)
   total = [jnp.zeros((), jnp.float32)] * k
-  for group in groups:
-    flat = [jnp.concatenate([leaves[i].astype(jnp.float32).reshape(-1)
-                             for i in group]) for leaves in trees]
+  for per_leaf in zip(*leaves):
+    products = tuple(
+        (per_leaf[2 * i].astype(jnp.float32)
+         * per_leaf[2 * i + 1].astype(jnp.float32)).reshape(-1)
+        for i in range(k)
+    )
     sums = jax.lax.reduce(
-        tuple(flat[2 * i] * flat[2 * i + 1] for i in range(k)),
-        (jnp.float32(0),) * k,
+        products, (jnp.float32(0),) * k,
         lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)), (0,),
     )
     total = [t + s for t, s in zip(total, sums)]
