@@ -165,9 +165,17 @@ def _manager(directory: str, keep: Optional[int], create: bool):
                                item_names=_ITEMS)
 
 
+# tensorstore appends the JSON spec of the store it failed on, kilobytes of
+# context options on one line; the reason comes before it.
+_TENSORSTORE_SPEC = " [tensorstore_spec"
+
+
 def _first_line(e: BaseException) -> str:
+  """``Type: first line`` of an error, without tensorstore's spec dump."""
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+  line = text[0] if text else ""
+  line = line.split(_TENSORSTORE_SPEC, 1)[0]
+  return f"{type(e).__name__}: {line}".rstrip(": ")
 
 
 def all_steps(directory: str) -> list[int]:
