@@ -366,8 +366,8 @@ def main(argv=None):
                       help=f"batch size (default {BATCH}; smaller only for "
                       "smoke runs)")
   parser.add_argument("--repeats", type=int, default=40,
-                      help="timed windows per method, interleaved (default "
-                      "40); the minimum is kept")
+                      help="timed windows per method, each after an SGD "
+                      "window, the methods interleaved (default 40)")
   parser.add_argument("--warmup", type=int, default=10)
   parser.add_argument("--model", choices=sorted(MODELS), default="cnn1d",
                       help="cnn1d (default), resnet18 or wrn28-10 (32x32x3)")
