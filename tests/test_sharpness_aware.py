@@ -254,16 +254,12 @@ class HyperParameterTest(parameterized.TestCase):
     self.assertEqual(float(sj.diagnostics(state)["perturbation_norm"]), 0.0)
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 # ---------------------------------------------------------------------------
 # The float32 tree reductions the ascent steps and the diagnostics share.
 # ---------------------------------------------------------------------------
 
 
-def test_tree_inner_products_match_numpy_on_small_and_large_leaves():
+def test_tree_inner_products_match_numpy():
   from sharpjax._src import base  # pylint: disable=g-import-not-at-top
   # Leaves of several sizes and ranks, one bfloat16: each product of a leaf
   # accumulated in float32, and every leaf counted once.
@@ -285,3 +281,7 @@ def test_tree_inner_products_match_numpy_on_small_and_large_leaves():
                              rtol=1e-5)
   assert base.tree_vdot_f32({}, {}).dtype == jnp.float32
   assert float(base.tree_norm_f32({})) == 0.0
+
+
+if __name__ == "__main__":
+  absltest.main()
