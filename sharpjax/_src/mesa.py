@@ -195,7 +195,9 @@ def mesa(
       ``mesa_auto_decay(total_steps)``.
     temperature: :math:`\tau` (> 0; paper: 5).
     strength: :math:`\lambda` (>= 0; paper: 0.8).
-    start_epoch: first epoch with the penalty (>= 0; paper: 5).
+    start_epoch: first epoch with the penalty (>= 0; paper: 5). The
+      official code's ``--kl_start_epoch K`` turns the penalty on for epochs
+      ``> K``: pass ``start_epoch=K + 1``.
     steps_per_epoch: optimizer steps per epoch, to place ``start_epoch``;
       needed when ``start_epoch > 0``.
     total_steps: the planned number of optimizer steps (>= 1); needed by

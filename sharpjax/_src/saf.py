@@ -177,7 +177,8 @@ def saf(
     temperature: :math:`\tau` (> 0; paper: 5).
     strength: :math:`\lambda` (>= 0; paper: 0.3).
     start_epoch: :math:`E_{start}`, the first epoch with the penalty (>= 0;
-      paper: 5).
+      paper: 5). The official code's ``--kl_start_epoch K`` turns the
+      penalty on for epochs ``> K``: pass ``start_epoch=K + 1``.
     bank_dtype: float32 (default) or bfloat16 (half the memory).
     check_memory: refuse, at construction, a bank larger than the free memory
       of the default device (host RAM on CPU) instead of failing later with an
