@@ -5,6 +5,9 @@ transformation, SSAM-F's official mask timing, SAF/MESA's start epoch."""
 from __future__ import annotations
 
 import math
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +182,28 @@ def test_mesa_start_epoch_maps_to_kl_start_epoch_plus_one(kl_start_epoch):
     params = jax.tree.map(lambda w: w + 0.5, params)
     _, state = tx.update(params, state, params)
   assert got == want
+
+
+# benchmarks/official_agreement.py runs outside the suite (it needs PyTorch and
+# the official repositories); its arguments are checked here.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_agreement(*args):
+  return subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "official_agreement.py"),
+       *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_agreement_script_help_and_argument_errors(tmp_path):
+  proc = run_agreement("--help")
+  assert proc.returncode == 0
+  assert "--official" in proc.stdout and "--methods" in proc.stdout
+  missing = run_agreement("--official", str(tmp_path / "nowhere"))
+  assert missing.returncode == 2
+  assert "--official" in missing.stderr and "not a folder" in missing.stderr
+  unknown = run_agreement("--official", str(tmp_path), "--methods", "sgdx")
+  assert unknown.returncode == 2
+  assert "unknown sgdx" in unknown.stderr and "looksam" in unknown.stderr
+  steps = run_agreement("--official", str(tmp_path), "--steps", "0")
+  assert steps.returncode == 2 and "--steps" in steps.stderr
