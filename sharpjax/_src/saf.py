@@ -263,7 +263,7 @@ def saf(
       )
     # The written rows depend on the rows read here (the same rows the penalty
     # read): without that data dependency XLA copies the whole donated bank on
-    # every step to order the scatter after the gather (performance-notes.md).
+    # every step to order the scatter after the gather.
     epoch, slot, rows, in_range, old_logits, old_epochs = _this_epochs_rows(
         state, logits, ids, "saf")
     # An id already written this epoch (a sampler that repeats it) keeps its
