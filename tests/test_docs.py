@@ -553,3 +553,24 @@ def test_choosing_guide_claims_agree_with_the_benchmarks():
         < 0.13)
   assert not failures, ("docs/guides/choosing.md says what the benchmark "
                         "JSON no longer shows:\n" + "\n".join(failures))
+
+
+def test_reference_shows_exported_names_and_each_method_once_in_the_sidebar(
+    site):
+  """A private path of an exported type (a state's field typed
+  ``sharpjax._src.perturbed.Diagnostics``) reads as ``sharpjax.Diagnostics``;
+  the method pages are listed once in the navigation."""
+  shown = []
+  for page in site.pages():
+    if page.parent.name not in ("api", "methods"):
+      continue
+    for path in set(re.findall(r"sharpjax\._src\.[\w.]+",
+                               _text(page.read_text()))):
+      if hasattr(sharpjax, path.rsplit(".", 1)[1]):
+        shown.append(f"{page.name}: {path}")
+  assert not shown, shown
+  html = site.page("index.html")
+  start = html.index('class="sidebar-tree"')
+  sidebar = html[start:html.index("<article", start)]
+  for name in TRANSFORMATIONS:
+    assert sidebar.count(f'href="methods/{name}.html"') == 1, name
