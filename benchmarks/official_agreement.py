@@ -47,6 +47,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import datetime
 import io
 import json
 import pathlib
@@ -57,6 +58,8 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
+
+import _common
 
 D_IN, D_HIDDEN, D_OUT = 8, 16, 3
 LR, MOMENTUM = 0.1, 0.9
@@ -846,7 +849,13 @@ def main(argv=None) -> int:
           + (f"; {note}" if note else "") + ")")
     print(f"{'':20s} per step: {steps}")
   if args.json:
-    args.json.write_text(json.dumps(results, indent=1))
+    meta = {"sharpjax": sharpjax.__version__, "jax": jax.__version__,
+            "torch": torch.__version__, "steps": args.steps,
+            "seed": args.seed, "commit": _common.git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds")}
+    args.json.write_text(json.dumps({"meta": meta, "results": results},
+                                    indent=1) + "\n")
   return 0
 
 
