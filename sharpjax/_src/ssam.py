@@ -191,10 +191,10 @@ def ssam(
   only on those steps. With ``sparsity=0`` every weight is perturbed from
   the first step, and the step is SAM's.
 
-  Differences from the official code (Mi-Peng/Sparse-Sharpness-Aware-
-  Minimization, class ``SSAMF``), measured on the 195-weight MLP of
-  ``benchmarks/official_agreement.py`` (full-batch steps, a refresh every 2
-  steps): with the default timing the parameters leave the official run's by
+  Differences from the official code (class ``SSAMF`` of
+  Mi-Peng/Sparse-Sharpness-Aware-Minimization), measured on the 195-weight
+  MLP of ``benchmarks/official_agreement.py`` (full-batch steps, a refresh
+  every 2 steps): with the default timing the parameters leave the official run's by
   6.4e-4 after 10 steps; with ``refresh_at="next_step"`` by 1.3e-4. That
   remainder comes from the official refresh, whose first Fisher sample adds
   its gradient to the step's perturbed gradient still held in ``.grad``;
