@@ -574,3 +574,13 @@ def test_reference_shows_exported_names_and_each_method_once_in_the_sidebar(
   sidebar = html[start:html.index("<article", start)]
   for name in TRANSFORMATIONS:
     assert sidebar.count(f'href="methods/{name}.html"') == 1, name
+
+
+def test_cli_reference_lists_the_presets_one_per_item(site):
+  """The presets `compare --help` prints one per line are a list on the
+  page, not one run-on sentence."""
+  from sharpjax.cli import _setup  # pylint: disable=g-import-not-at-top
+  html = site.page("cli.html")
+  for name in _setup.PRESETS:
+    assert re.search(r'<li><p><code [^>]*><span class="pre">'
+                     + re.escape(name) + "</span></code>", html), name
