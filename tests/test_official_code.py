@@ -4,6 +4,7 @@ transformation, SSAM-F's official mask timing, SAF/MESA's start epoch."""
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import subprocess
@@ -207,3 +208,26 @@ def test_agreement_script_help_and_argument_errors(tmp_path):
   assert "unknown sgdx" in unknown.stderr and "looksam" in unknown.stderr
   steps = run_agreement("--official", str(tmp_path), "--steps", "0")
   assert steps.returncode == 2 and "--steps" in steps.stderr
+
+
+def _sci(x: float) -> str:
+  """1.2e-7 as the page writes it (no exponent padding)."""
+  mantissa, exponent = f"{x:.1e}".split("e")
+  return f"{mantissa}e{int(exponent)}"
+
+
+def test_agreement_page_quotes_the_measured_results():
+  """Every largest difference in the stored results appears on the page, and
+  every official commit measured is named there."""
+  results = json.loads(
+      (ROOT / "benchmarks" / "results" / "official_agreement.json").read_text())
+  page = (ROOT / "docs" / "guides" / "agreement.md").read_text()
+  rows = results["results"]
+  assert {r["method"] for r in rows} >= {
+      "sam", "asam", "gsam", "sagm", "fsam", "esam", "ausam", "saf", "mesa",
+      "looksam", "looksam-rollovd", "ssam"}
+  for row in rows:
+    assert row["status"] == "ok", row
+    assert _sci(row["largest"]) in page, (row["method"], _sci(row["largest"]))
+    assert f"`{row['commit'][:7]}`" in page, row["method"]
+    assert row["repository"] in page, row["method"]
