@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
       "compare", formatter_class=fmt, epilog=epilog,
       help="train several methods on the same data, model, seeds and budget",
       description=_paragraphs(
-          "Trains every method with the same data, model, seeds and budget "
+          "Trains the selected methods with the same data, model, seeds and "
+          "budget "
           "(with one seed, every method starts from the same weights and sees "
           "the same batches in the same order) and prints a table: test "
           "accuracy (mean ± std over seeds), its difference to SGD's (the "
