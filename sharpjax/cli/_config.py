@@ -134,6 +134,8 @@ def load(spec: str) -> tuple[dict, str, Optional[str]]:
     except ImportError as e:
       raise ConfigError(f"--config needs ml_collections: pip install "
                         f"'sharpjax[cli]' ({e}).") from None
+    except ValueError as e:  # no such recipe, an argument it does not take
+      raise ConfigError(f"--config {spec}: {e}") from None
   if hasattr(config, "to_dict"):
     config = config.to_dict()
   if not isinstance(config, dict):

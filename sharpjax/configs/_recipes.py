@@ -86,8 +86,9 @@ def runlocal(config):
 
   The data become 160 generated 32x32 images (``synthetic_images``: 128
   train, 32 test) unless the config names a data directory; data read from
-  a directory (also one given on the command line) keep their first 160
-  training examples. The model becomes a ResNet-18 of width 4 (ViTs: a ViT-S/16 of
+  a directory (also ``--data arrayrecord --data-dir DST`` on the command
+  line, which wins over the config) keep their first 160 training
+  examples. The model becomes a ResNet-18 of width 4 (ViTs: a ViT-S/16 of
   width 64 at 32x32 input); batch 32, 2 epochs (8 to 10 steps), no warm-up;
   checkpoints every 4 steps. The method and its hyper-parameters stay.
   """
