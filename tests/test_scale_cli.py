@@ -211,6 +211,10 @@ def test_two_processes_grain_fed_resume_sees_the_same_batches(
   assert "[0] sharpjax train: saf seed 0" in log
   assert "on 4 cpu devices (cpu) in 2 processes" in log
   assert "[1] sharpjax train" not in log  # process 0 alone reports
+  for i in (0, 1):  # and each process says it is there, once
+    line = (f"[{i}] process {i} of 2: rows {16 * i} to {16 * i + 15} of "
+            "every global batch of 32, on 2 local devices")
+    assert log.count(line) == 1, log[-3000:]
   payload, history = _history(full)
   assert payload["parallel"]["processes"] == 2
   assert payload["parallel"]["devices"] == 4
