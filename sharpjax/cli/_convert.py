@@ -26,15 +26,12 @@ def add_data_command(sub, fmt) -> None:
           "alone is a training split). Both write ArrayRecord shards, one "
           "example per record, the labels and metadata.json into DST. Nothing "
           "is downloaded."))
-  dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-  dsub.required = True
-  c = dsub.add_parser("convert", formatter_class=fmt,
-                      help="write ArrayRecord shards and metadata.json",
-                      description=d.description)
-  c.add_argument("format", choices=FORMATS, help="what SRC holds")
-  c.add_argument("src", help="the source directory")
-  c.add_argument("dst", help="the output directory (created)")
-  c.add_argument("--records-per-shard", type=int, default=10_000,
+  d.add_argument("action", choices=("convert",),
+                 help="what to do (convert: write the shards)")
+  d.add_argument("format", choices=FORMATS, help="what SRC holds")
+  d.add_argument("src", help="the source directory")
+  d.add_argument("dst", help="the output directory (created)")
+  d.add_argument("--records-per-shard", type=int, default=10_000,
                  help="records per ArrayRecord file (default 10000)")
 
 
