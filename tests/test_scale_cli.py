@@ -144,7 +144,7 @@ def test_cifar_resnet18_bfloat16_on_every_device(tmp_path, capsys):
   for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
     with open(folder / name, "wb") as f:
       pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
-                   b"labels": list(rng.integers(0, 10, 16))}, f)
+                   b"labels": rng.integers(0, 10, 16).tolist()}, f)
   out, tb = tmp_path / "run", tmp_path / "runs" / "tb"
   assert main(["train", "--data", "cifar10", "--data-dir",
                str(tmp_path / "cifar"), "--model", "resnet18", "--width", "4",

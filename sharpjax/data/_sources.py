@@ -302,8 +302,8 @@ class _ReleaseUnpickler(pickle.Unpickler):
     if found is None:
       raise RefusedPickle(
           f"it names {module}.{name}, which a CIFAR release never holds (only "
-          "dicts, bytes, lists, ints and uint8 arrays are admitted); the file "
-          "is refused unread")
+          "dicts, bytes, lists, ints and uint8 arrays are admitted); nothing "
+          "was imported")
     return found
 
 
