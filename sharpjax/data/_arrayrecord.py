@@ -1,8 +1,8 @@
 r"""Data sets converted to ArrayRecord shards, read through grain.
 
-``sharpjax data convert`` (or :func:`convert_cifar` / :func:`convert_imagefolder`)
-writes a directory of ArrayRecord files, one example per record, and a small
-``metadata.json``::
+``sharpjax data convert`` (or :func:`convert_cifar` /
+:func:`convert_imagefolder`) writes a directory of ArrayRecord files, one
+example per record, and a small ``metadata.json``::
 
     DST/metadata.json                  format, classes, splits, normalisation
     DST/train-00000-of-00005.array_record ...
@@ -130,9 +130,10 @@ def convert_cifar(src: str, dst: str, num_classes: int = 10, *,
       os.path.exists(os.path.join(d, f)) for f in train_files + test_files)),
                 None)
   if folder is None:
+    expected = [os.path.join(dirs[0], f) for f in train_files + test_files]
     raise FileNotFoundError(
         f"CIFAR-{num_classes}'s python-pickle release not found under {src} "
-        f"(expected {', '.join(os.path.join(dirs[0], f) for f in train_files + test_files)}).")
+        f"(expected {', '.join(expected)}).")
   _check_dst(dst)
   splits = {}
   for split, files in (("train", train_files), ("test", test_files)):
@@ -466,8 +467,9 @@ def load_arrayrecord(data_dir: str, *, image_size: Optional[int] = None
   Example:
     >>> from sharpjax import data
     >>> splits = data.load_arrayrecord("cifar10-ar")   # doctest: +SKIP
-    >>> loader = data.GrainLoader(splits.train.grain_source(), 128,
-    ...                           augment=splits.train.augment)  # doctest: +SKIP
+    >>> train = splits.train                              # doctest: +SKIP
+    >>> loader = data.GrainLoader(train.grain_source(), 128,
+    ...                           augment=train.augment)  # doctest: +SKIP
   """
   meta = read_metadata(data_dir)
   if "test" not in meta["splits"]:
