@@ -7,6 +7,7 @@ JPEG files of different sizes. One end-to-end run (the acceptance command:
 a recipe at runlocal on converted records, with a profile of steps 2 to 3).
 """
 
+import gzip
 import json
 import os
 import pickle
@@ -305,6 +306,13 @@ def test_acceptance_runlocal_recipe_on_records_writes_a_trace(cifar,
             for f in files if f.endswith(".xplane.pb")]
   assert traces and os.path.getsize(traces[0]) > 0
   assert "profile of steps 2 to 3" in log
+  # Each traced step is one StepTraceAnnotation "train" with its number.
+  with gzip.open(traces[0].replace(".xplane.pb", ".trace.json.gz")) as f:
+    events = json.load(f)["traceEvents"]
+  steps = sorted(e["args"]["step_num"] for e in events
+                 if e.get("name") == "train" and "step_num" in e.get("args",
+                                                                     {}))
+  assert steps == ["2", "3"], steps
   with open(out / "train.json") as f:
     payload = json.load(f)
   settings = payload["settings"]
@@ -314,5 +322,19 @@ def test_acceptance_runlocal_recipe_on_records_writes_a_trace(cifar,
   with open(out / "config.json") as f:
     assert json.load(f) == settings["resolved"]
   # runlocal keeps 80 of the 80 records here (it cuts to 160): 2 epochs x 2.
-  assert payload["result"]["history"][-1]["epoch"] == 2
+  history = payload["result"]["history"]
+  assert [r["epoch"] for r in history] == [1, 2]
   assert payload["run"]["config"]["data"] == "arrayrecord"
+  # Stopped mid-epoch (step 3 of 4) and resumed: grain's position is in the
+  # checkpoint, so the resumed run reads the same batches and ends the same.
+  cut = ["train", "--config", "cifar10_wrn28_10_saf:runlocal", "--data",
+         "arrayrecord", "--data-dir", cifar["dst"], "--out",
+         str(tmp_path / "cut"), "--progress", "off"]
+  assert main(cut + ["--max-steps", "3"]) == 0
+  assert main(cut + ["--resume"]) == 0
+  assert "resuming saf seed 0 from step 3" in capsys.readouterr().out
+  with open(tmp_path / "cut" / "train.json") as f:
+    resumed = json.load(f)["result"]["history"]
+  for a, b in zip(resumed, history):
+    for k in ("train_loss", "test_loss", "test_accuracy"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
