@@ -245,6 +245,11 @@ def test_config_overrides_flags_and_files(tmp_path, capsys):
   assert (args.hp_rho, args.epochs, args.batch_size) == (0.2, 3, 16)
   assert (args.data, args.model, args.width) == ("synthetic_images",
                                                  "resnet18", 4)
+  vit = _parse(["train", "--config", "imagenet_vit_s16_gsam:runlocal"])
+  assert (vit.data, vit.model, vit.width, vit.image_size) == (
+      "synthetic_images", "vit_s16", 64, None)
+  with pytest.raises(ValueError, match="--image-size sets the resolution"):
+    _parse(["train", "--image-size", "64"])
   assert args.config_info["overrides"] == {"hyper.rho": 0.2, "epochs": 3}
   # A Python file with get_config(arg), as big_vision's and flax's.
   path = tmp_path / "my.py"

@@ -285,7 +285,7 @@ def add_recipes_command(sub, fmt) -> None:
   r = sub.add_parser(
       "recipes", formatter_class=fmt,
       help="the papers' runs as configs for `sharpjax train --config`",
-      description=(
+      description=textwrap.fill(
           "Lists the recipes of sharpjax.configs: the paper and table each "
           "reproduces and the accuracy to reach. Run one with `sharpjax "
           "train --config NAME [--data-dir DIR]`, or a tiny version of it "

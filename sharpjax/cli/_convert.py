@@ -8,6 +8,7 @@ Writes ArrayRecord shards and ``metadata.json`` (see
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 
 FORMATS = ("cifar10", "cifar100", "imagefolder")
@@ -17,7 +18,7 @@ def add_data_command(sub, fmt) -> None:
   d = sub.add_parser(
       "data", formatter_class=fmt,
       help="convert a data set to ArrayRecord shards for --data arrayrecord",
-      description=(
+      description=textwrap.fill(
           "`sharpjax data convert cifar10|cifar100 SRC DST` reads CIFAR's "
           "python-pickle release (through a restricted unpickler: a file "
           "that would import anything but uint8 arrays is refused); "
@@ -26,11 +27,13 @@ def add_data_command(sub, fmt) -> None:
           "alone is a training split). Both write ArrayRecord shards, one "
           "example per record, the labels and metadata.json into DST. Nothing "
           "is downloaded."))
-  d.add_argument("action", choices=("convert",),
-                 help="what to do (convert: write the shards)")
-  d.add_argument("format", choices=FORMATS, help="what SRC holds")
-  d.add_argument("src", help="the source directory")
-  d.add_argument("dst", help="the output directory (created)")
+  d.add_argument("action", choices=("convert",), metavar="ACTION",
+                 help="convert: write the shards (the only action)")
+  d.add_argument("format", choices=FORMATS, metavar="FORMAT",
+                 help="what SRC holds: " + ", ".join(FORMATS))
+  d.add_argument("src", metavar="SRC", help="the source directory")
+  d.add_argument("dst", metavar="DST",
+                 help="the output directory (created)")
   d.add_argument("--records-per-shard", type=int, default=10_000,
                  help="records per ArrayRecord file (default 10000)")
 

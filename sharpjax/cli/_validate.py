@@ -129,6 +129,7 @@ def check(args: argparse.Namespace) -> None:
       raise ValueError(f"{flag(name)} must be a finite number, got {v!r}.")
   if args.command in ("compare", "train"):
     _check_data_dir(args)
+    _check_image_size(args)
     _resolve_loader(args)
   if args.command == "train":
     from sharpjax.cli import _profile  # pylint: disable=g-import-not-at-top
@@ -136,6 +137,14 @@ def check(args: argparse.Namespace) -> None:
   if args.command == "train" and args.step is not None and not args.resume:
     raise ValueError("--step chooses the checkpoint to resume from: it needs "
                      "--resume.")
+
+
+def _check_image_size(args) -> None:
+  if getattr(args, "image_size", None) is not None and (
+      args.data != "arrayrecord"):
+    raise ValueError(f"--image-size sets the resolution of converted image "
+                     f"records (--data arrayrecord); --data {args.data} has "
+                     "its own: remove --image-size.")
 
 
 def _resolve_loader(args) -> None:

@@ -100,8 +100,8 @@ def runlocal(config):
     config.width = 64
   else:
     config.model, config.width = "resnet18", 4
-  if config.get("image_size") is not None:
-    config.image_size = 32
+  if config.get("image_size") is not None:  # decoded records: at 32x32
+    config.image_size = None if config.data == "synthetic_images" else 32
   config.batch_size, config.epochs, config.warmup_epochs = 32, 2, 0
   config.save_every = 4
   if "hyper" in config:
