@@ -27,13 +27,12 @@ def add_data_command(sub, fmt) -> None:
           "alone is a training split). Both write ArrayRecord shards, one "
           "example per record, the labels and metadata.json into DST. Nothing "
           "is downloaded."))
-  d.add_argument("action", choices=("convert",), metavar="ACTION",
+  d.add_argument("action", choices=("convert",), metavar="action",
                  help="convert: write the shards (the only action)")
-  d.add_argument("format", choices=FORMATS, metavar="FORMAT",
+  d.add_argument("format", choices=FORMATS, metavar="format",
                  help="what SRC holds: " + ", ".join(FORMATS))
-  d.add_argument("src", metavar="SRC", help="the source directory")
-  d.add_argument("dst", metavar="DST",
-                 help="the output directory (created)")
+  d.add_argument("src", help="the source directory")
+  d.add_argument("dst", help="the output directory (created)")
   d.add_argument("--records-per-shard", type=int, default=10_000,
                  help="records per ArrayRecord file (default 10000)")
 
