@@ -679,9 +679,6 @@ def cmd_train(args) -> int:
              "result": result.to_dict(), "versions": _report.versions(),
              "device": _report.device_info(),
              "parallel": env.devices.to_dict(), "settings": settings}
-  if profiler.traced:
-    _log(f"profile of steps {profiler.traced[0]} to {profiler.traced[-1]} "
-         f"written to {profiler.logdir}")
   if env.devices.is_main:  # process 0 writes the report
     _report.write_json(train_json, payload)
   f = result.final
@@ -691,6 +688,9 @@ def cmd_train(args) -> int:
        + (f": test acc {100 * f['test_accuracy']:.2f}%, train loss "
           f"{f['train_loss']:.4f}" if f else "")
        + f"; checkpoint {ckpt.steps()[-1]} in {ckpt_dir}")
+  if profiler.traced:
+    _log(f"profile of steps {profiler.traced[0]} to {profiler.traced[-1]} "
+         f"written to {profiler.logdir}")
   return 0
 
 
