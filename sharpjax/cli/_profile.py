@@ -18,8 +18,6 @@ from typing import Any, Optional
 
 import jax
 
-STEP_NAME = "train"
-
 
 def parse(text: Optional[str],
           total: Optional[int] = None) -> Optional[tuple[int, int]]:
@@ -57,10 +55,6 @@ class StepProfiler:
     self.window = window if jax.process_index() == 0 else None
     self.active = False
     self.traced: list[int] = []
-
-  def annotate(self, step: int):
-    """The step's ``StepTraceAnnotation`` (entered around the step)."""
-    return jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=int(step))
 
   def before(self, step: int) -> None:
     if self.window is None or self.active:
