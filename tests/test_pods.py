@@ -250,6 +250,13 @@ def test_config_overrides_flags_and_files(tmp_path, capsys):
       "synthetic_images", "vit_s16", 64, None)
   with pytest.raises(ValueError, match="--image-size sets the resolution"):
     _parse(["train", "--image-size", "64"])
+  with pytest.raises(ValueError, match="read through grain.*--loader numpy"):
+    _parse(["train", "--data", "arrayrecord", "--data-dir", "/tmp",
+            "--loader", "numpy"])
+  with pytest.raises(ValueError, match="pass --data-dir DIR"):
+    _parse(["train", "--config", "cifar10_resnet18_saf"])
+  with pytest.raises(ValueError, match="an option of `sharpjax train`"):
+    _parse(["compare", "--config", "cifar10_resnet18_saf"])
   assert args.config_info["overrides"] == {"hyper.rho": 0.2, "epochs": 3}
   # A Python file with get_config(arg), as big_vision's and flax's.
   path = tmp_path / "my.py"
