@@ -194,6 +194,15 @@ def test_imagefolder_records_decode_at_the_recipe_resolution(tmp_path):
   assert a["x"].shape == (4, 24, 24, 3) and a["x"].dtype == np.float32
   np.testing.assert_array_equal(a["x"], b["x"])  # a function of (seed, step)
   np.testing.assert_array_equal(a["y"], train.y[a["ids"]])
+  # Decoded and augmented in a grain worker process: the same batches.
+  workers = data.GrainLoader(train.grain_source(), 4, seed=0,
+                             augment=train.augment, worker_count=1)
+  it = workers.batches(0, 2)
+  try:
+    for k, batch in enumerate(it):
+      np.testing.assert_array_equal(batch["x"], loader.batch(0, k)["x"])
+  finally:
+    it.close()
   with pytest.raises(ValueError, match="already holds"):
     data.convert_imagefolder(str(tmp_path / "src"), str(tmp_path / "d"))
   (tmp_path / "src" / "train" / "a_cat" / "9.png").write_bytes(b"not a png")
