@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -96,6 +97,23 @@ def test_release_pickles_of_every_protocol_load(tmp_path):
     got = data._sources.load_release_pickle(str(path))  # pylint: disable=protected-access
     np.testing.assert_array_equal(got[b"data"], x)
     assert got[b"labels"] == [3, 4]
+  # The release itself was written by Python 2 (cPickle, protocol 2): str
+  # opcodes and numpy.core's names. These bytes are such a file, by hand.
+  def text(b):
+    return b"U" + bytes([len(b)]) + b
+  minus_one = b"J" + struct.pack("<i", -1)
+  py2 = (b"\x80\x02}(" + text(b"data")
+         + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+         + b"K\x00\x85" + text(b"b") + b"\x87R"  # an empty array...
+         + b"(K\x01K\x02K\x03\x86cnumpy\ndtype\n" + text(b"u1")
+         + b"K\x00K\x01\x87R(K\x03" + text(b"|") + b"NNN" + minus_one
+         + minus_one + b"K\x00tb\x89" + text(bytes(range(6)))
+         + b"tb"  # ...set to uint8 [2, 3]
+         + text(b"labels") + b"](K\x01K\x02eu.")
+  (tmp_path / "py2").write_bytes(py2)
+  got = data._sources.load_release_pickle(str(tmp_path / "py2"))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got[b"data"], np.arange(6).reshape(2, 3))
+  assert got[b"data"].dtype == np.uint8 and got[b"labels"] == [1, 2]
 
 
 def test_cifar_records_ids_labels_shapes_and_one_pass_per_epoch(cifar):
