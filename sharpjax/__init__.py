@@ -60,8 +60,8 @@ from sharpjax._src.diagnostics import diagnostics
 
 # Subpackages load on first use (`sj.training`, `sj.measures`, ...), so that
 # `import sharpjax` stays as light as optax.
-_SUBPACKAGES = ("cli", "data", "launch", "measures", "models", "quant",
-                "robustness", "training", "tta")
+_SUBPACKAGES = ("cli", "configs", "data", "launch", "measures", "models",
+                "quant", "robustness", "training", "tta")
 
 
 def __getattr__(name):

@@ -96,7 +96,7 @@ def test_sources_npz_array_record_and_cifar_folder(tmp_path):
   rng = np.random.default_rng(0)
   for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
     entry = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-             b"labels": list(rng.integers(0, 10, 4))}
+             b"labels": rng.integers(0, 10, 4).tolist()}  # ints, as the release
     with open(folder / name, "wb") as f:
       pickle.dump(entry, f)
   train, test = data.load_cifar(str(tmp_path / "cifar"))

@@ -144,7 +144,7 @@ def test_cifar_resnet18_bfloat16_on_every_device(tmp_path, capsys):
   for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
     with open(folder / name, "wb") as f:
       pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
-                   b"labels": list(rng.integers(0, 10, 16))}, f)
+                   b"labels": rng.integers(0, 10, 16).tolist()}, f)
   out, tb = tmp_path / "run", tmp_path / "runs" / "tb"
   assert main(["train", "--data", "cifar10", "--data-dir",
                str(tmp_path / "cifar"), "--model", "resnet18", "--width", "4",
@@ -211,6 +211,10 @@ def test_two_processes_grain_fed_resume_sees_the_same_batches(
   assert "[0] sharpjax train: saf seed 0" in log
   assert "on 4 cpu devices (cpu) in 2 processes" in log
   assert "[1] sharpjax train" not in log  # process 0 alone reports
+  for i in (0, 1):  # and each process says it is there, once
+    line = (f"[{i}] process {i} of 2: rows {16 * i} to {16 * i + 15} of "
+            "every global batch of 32, on 2 local devices")
+    assert log.count(line) == 1, log[-3000:]
   payload, history = _history(full)
   assert payload["parallel"]["processes"] == 2
   assert payload["parallel"]["devices"] == 4

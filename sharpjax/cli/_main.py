@@ -15,8 +15,11 @@ import time
 import warnings
 from typing import Optional, Sequence
 
+from sharpjax.cli import _config as _config_cli
+from sharpjax.cli import _convert
 from sharpjax.cli import _devices
 from sharpjax.cli import _methods
+from sharpjax.cli import _profile
 from sharpjax.cli import _setup
 from sharpjax.cli import _validate
 
@@ -120,6 +123,12 @@ def _add_common(p: argparse.ArgumentParser, presets: bool = False) -> None:
                  help=f"weight decay (default {d.weight_decay})")
   g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                  help="linear learning-rate warm-up (default 0)")
+  g.add_argument("--optimizer", choices=_setup.OPTIMIZERS, default=d.optimizer,
+                 help="base optimizer: sgd (with --momentum) or adamw (b2 "
+                 f"0.999, decoupled --weight-decay; default {d.optimizer})")
+  g.add_argument("--image-size", type=int, default=None,
+                 help="side of the inputs decoded from image-folder records "
+                 "(--data arrayrecord; default 224)")
   h = p.add_argument_group(
       "method hyper-parameters (default: each method's own, see below)")
   for name in _methods.all_hyper_names():
@@ -218,8 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
           "latest checkpoint bit-exactly (parameters, optimizer state with "
           "SAF's logit bank or MESA's teacher, PRNG keys, data position and "
           "the epoch history). Ctrl-C or a crash leaves the last complete "
-          "checkpoint usable."))
+          "checkpoint usable. --config NAME_OR_PATH[:ARG] takes the settings "
+          "from a recipe (`sharpjax recipes`), a Python file's get_config(arg) "
+          "or a config.json; --config.KEY=VALUE changes one (KEY: a flag's "
+          "name with _ for -, hyper.NAME for a method's hyper-parameter); "
+          "flags given explicitly win."))
   _add_common(t)
+  t.add_argument("--config", default=None, metavar="NAME_OR_PATH[:ARG]",
+                 help="settings from a recipe, a Python config file or a "
+                 "config.json (see above; ARG runlocal: a tiny smoke test)")
+  t.add_argument("--profile-steps", default=None, metavar="A:B",
+                 help="write a jax.profiler trace of steps A to B-1 "
+                 "(0-based) into OUT/profile (TensorBoard's profile plugin)")
   t.add_argument("--method", default="sam",
                  help="method (default sam): " + ", ".join(_methods.names()))
   t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -240,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--max-steps", type=int, default=None,
                  help="stop after this many steps in total (checkpointed; "
                  "continue later with --resume)")
+
+  _config_cli.add_recipes_command(sub, fmt)
+  _convert.add_data_command(sub, fmt)
 
   m = sub.add_parser(
       "measure", formatter_class=fmt,
@@ -294,7 +316,8 @@ def _config(args) -> _setup.Config:
       momentum=args.momentum, weight_decay=args.weight_decay,
       warmup_epochs=args.warmup_epochs,
       sharpness_examples=getattr(args, "sharpness_examples", 500),
-      data_dir=getattr(args, "data_dir", None), dtype=args.dtype)
+      data_dir=getattr(args, "data_dir", None), dtype=args.dtype,
+      image_size=args.image_size, optimizer=args.optimizer)
   _setup.check_names(config)
   return config
 
@@ -547,6 +570,7 @@ def cmd_train(args) -> int:
   config = _config(args)
   overrides = _validate.overrides(args, [args.method]).get(args.method, {})
   _report.check_out_dir(args.out)
+  settings = _config_cli.write(args, build_parser(), args.out)
   ckpt_dir = args.ckpt_dir or os.path.join(args.out, "checkpoints")
   _report.check_out_dir(ckpt_dir, "--ckpt-dir")
   env = _make_env(args, config)
@@ -562,6 +586,8 @@ def cmd_train(args) -> int:
              "hyper": runner.hyper, "seed": args.seed,
              "steps_per_epoch": env.steps_per_epoch}
   total = runner.total_steps
+  profiler = _profile.StepProfiler(os.path.join(args.out, "profile"),
+                                   _profile.parse(args.profile_steps, total))
   train_json = os.path.join(args.out, "train.json")
   if args.resume:
     ckpt.check_run(run_def, args.step)  # a clear mismatch before any array
@@ -620,6 +646,7 @@ def cmd_train(args) -> int:
        f"({len(env.train)} train), {config.model}, {config.epochs} epochs x "
        f"{env.steps_per_epoch} steps; checkpoints every {save_every} steps "
        f"in {ckpt_dir}; on {env.devices.describe()}")
+  _devices.log_process(env.devices, config.batch_size)  # one line each
   t0 = time.perf_counter()
   board = _tensorboard(args, purge_step=progress.step if progress else None)
   try:
@@ -627,7 +654,8 @@ def cmd_train(args) -> int:
         args.seed, state, progress, stop_at=args.max_steps, on_step=on_step,
         sync_every=save_every, show_progress=_show_progress(args),
         label=f"{args.method} seed {args.seed}",
-        on_log=board and board.scalars, data_iterator=feed)
+        on_log=board and board.scalars, data_iterator=feed,
+        profiler=profiler)
   except KeyboardInterrupt:
     steps = ckpt.steps()
     how = "terminated (SIGTERM)" if _TERM_RECEIVED else "interrupted"
@@ -651,7 +679,7 @@ def cmd_train(args) -> int:
              "complete": progress.step >= total, "checkpoint_dir": ckpt_dir,
              "result": result.to_dict(), "versions": _report.versions(),
              "device": _report.device_info(),
-             "parallel": env.devices.to_dict()}
+             "parallel": env.devices.to_dict(), "settings": settings}
   if env.devices.is_main:  # process 0 writes the report
     _report.write_json(train_json, payload)
   f = result.final
@@ -661,6 +689,9 @@ def cmd_train(args) -> int:
        + (f": test acc {100 * f['test_accuracy']:.2f}%, train loss "
           f"{f['train_loss']:.4f}" if f else "")
        + f"; checkpoint {ckpt.steps()[-1]} in {ckpt_dir}")
+  if profiler.traced:
+    _log(f"profile of steps {profiler.traced[0]} to {profiler.traced[-1]} "
+         f"written to {profiler.logdir}")
   return 0
 
 
@@ -850,7 +881,8 @@ def _run(args, prefix: str) -> int:
   from sharpjax.cli import _checkpoint  # pylint: disable=g-import-not-at-top
   from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
   commands = {"compare": cmd_compare, "train": cmd_train,
-              "measure": cmd_measure}
+              "measure": cmd_measure, "recipes": _config_cli.cmd_recipes,
+              "data": _convert.cmd_data}
   try:
     _validate.check(args)
     if args.command in ("compare", "train"):
@@ -889,8 +921,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
   from_console = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
+  try:  # --config: the config's settings become flags before the others
+    expanded, config_info = _config_cli.expand(argv, parser)
+  except _config_cli.ConfigError as e:  # a usage error, as argparse's
+    parser.exit(2, f"sharpjax train: error: {_one_line(e)}\n")
+  args = parser.parse_args(expanded)
   args.argv = argv
+  args.config_info = config_info
   prefix = f"sharpjax {args.command}"
   with _one_line_reports(prefix, from_console), _sigterm_handled(
       graceful=args.command == "train") as received:

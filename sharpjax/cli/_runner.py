@@ -142,8 +142,11 @@ def learning_rate(config: _setup.Config, total_steps: int) -> optax.Schedule:
 
 def base_optimizer(config: _setup.Config,
                    total_steps: int) -> optax.GradientTransformation:
-  """SGD with momentum, a cosine learning rate and optional weight decay."""
+  """SGD with momentum (or AdamW), a cosine learning rate and weight decay."""
   lr = learning_rate(config, total_steps)
+  if config.optimizer == "adamw":
+    return optax.adamw(lr, b1=0.9, b2=0.999,
+                       weight_decay=config.weight_decay)
   parts = []
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
@@ -247,6 +250,7 @@ class MethodRunner:
       label: str = "",
       on_log: Optional[Callable[[int, dict], None]] = None,
       data_iterator: Any = None,
+      profiler: Any = None,
   ) -> tuple[training.TrainState, Progress, dict]:
     """Trains from ``progress.step`` to ``stop_at`` (default: the end).
 
@@ -271,6 +275,9 @@ class MethodRunner:
         ``progress.step``. Either way they are put on the devices two ahead
         (:func:`sharpjax.data.prefetch_to_device`), and ``self.feed`` is
         that iterator while the run lasts (a checkpoint saves its state).
+      profiler: a :class:`sharpjax.cli._profile.StepProfiler` told before
+        and after each step (every step runs in a
+        ``jax.profiler.StepTraceAnnotation("train", step_num=k)`` anyway).
 
     Returns:
       ``(state, progress, timing)`` with ``timing`` holding ``epoch_ms``
@@ -303,16 +310,23 @@ class MethodRunner:
         t0, timed = time.perf_counter(), 0
         for i in range(pos, last):
           batch = next(self.feed)
+          k = progress.step + len(pending)  # this step's 0-based number
+          if profiler is not None:
+            profiler.before(k)
           if not self._compiled:
             tc = time.perf_counter()
-            state, metrics = self.trainer.step(state, batch)
+            with jax.profiler.StepTraceAnnotation("train", step_num=k):
+              state, metrics = self.trainer.step(state, batch)
             jax.block_until_ready(metrics)
             self.compile_s = time.perf_counter() - tc
             self._compiled = True
             t0 = time.perf_counter()
           else:
-            state, metrics = self.trainer.step(state, batch)
+            with jax.profiler.StepTraceAnnotation("train", step_num=k):
+              state, metrics = self.trainer.step(state, batch)
             timed += 1
+          if profiler is not None:
+            profiler.after(k, state)
           pending.append(metrics)
           n = progress.step + len(pending)
           if (len(pending) >= _SYNC_EVERY or i == last - 1
@@ -346,6 +360,8 @@ class MethodRunner:
     finally:
       if bar is not None:
         bar.close()
+      if profiler is not None:
+        profiler.close()
       self.feed.close()
     timing = {"epoch_ms": epoch_ms, "compile_s": self.compile_s,
               "wall_s": time.perf_counter() - t_start}
