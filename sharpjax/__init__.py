@@ -58,6 +58,9 @@ from sharpjax._src.perturbed import perturbed_pass
 # Reading the state.
 from sharpjax._src.diagnostics import diagnostics
 
+# A data-parallel loop of one's own (jax.shard_map, jax.pmap).
+from sharpjax._src.perturbed import gather_examples
+
 # Subpackages load on first use (`sj.training`, `sj.measures`, ...), so that
 # `import sharpjax` stays as light as optax.
 _SUBPACKAGES = ("cli", "data", "launch", "measures", "models", "quant",
