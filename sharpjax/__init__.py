@@ -58,7 +58,8 @@ from sharpjax._src.perturbed import perturbed_pass
 # Reading the state.
 from sharpjax._src.diagnostics import diagnostics
 
-# A data-parallel loop of one's own (jax.shard_map, jax.pmap).
+# A loop of one's own: where the transformations may sit, data parallelism.
+from sharpjax._src.chain import check_chain
 from sharpjax._src.perturbed import gather_examples
 
 # Subpackages load on first use (`sj.training`, `sj.measures`, ...), so that

@@ -181,6 +181,32 @@ def check_axis(name: str, axis_name: Optional[str],
     )
 
 
+def _refuse_masked_nodes(name: str, tree: Any) -> None:
+  """One line for ``optax.masked`` / ``multi_transform`` around the method."""
+  is_node = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node)):
+    raise ValueError(
+        f"sharpjax.{name} cannot run inside optax.masked or "
+        "optax.multi_transform: its perturbed pass needs every parameter. "
+        f"Perturb only some parameters with sj.{name}(..., mask=mask), first "
+        "in the chain: optax.chain(sj.sam(rho, mask=mask), base_optimizer)."
+    )
+
+
+def _apply_mask(mask: Any, grads: Any, params: Any) -> Any:
+  """``grads`` with the leaves outside ``mask`` set to zero."""
+  selected = mask(params) if callable(mask) else mask
+  try:
+    return jax.tree.map(
+        lambda keep, g: (
+            (g if keep else jnp.zeros_like(g)) if isinstance(keep, bool)
+            else jnp.where(keep, g, jnp.zeros_like(g))), selected, grads)
+  except ValueError as e:
+    raise ValueError(
+        "mask must be a pytree of bools with the structure of the parameters "
+        f"(or a function of the parameters returning one): {e}") from None
+
+
 def sharpness_aware(
     step_fn: StepFn,
     *,
@@ -188,6 +214,7 @@ def sharpness_aware(
     axis_name: Optional[str] = None,
     init_memory: Optional[Callable[[Any], dict]] = None,
     state_type: type = SharpnessAwareState,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a SAM-family transformation from its step.
 
@@ -227,7 +254,16 @@ def sharpness_aware(
     state_type: the state ``NamedTuple`` (default
       :class:`SharpnessAwareState`): the fields ``count`` and ``diagnostics``
       plus one per key of ``init_memory(params)``, whose leaves keep their
-      dtypes and shapes from step to step.
+      dtypes and shapes from step to step. The wrapper declares it
+      ``FIRST_IN_CHAIN`` (see :func:`sharpjax.check_chain`).
+    mask: perturb only some parameters (SAM-ON, Mueller et al., NeurIPS
+      2023, perturbs the normalization layers only): a pytree of bools
+      shaped like the parameters, or ``params -> pytree of bools`` (as
+      ``optax.masked`` takes). The step sees the clean gradient of the
+      selected leaves and zeros elsewhere, so its perturbation (and norm)
+      covers the selected leaves only; the loss still sees every parameter,
+      and every leaf receives the method's direction (for SAM the gradient
+      at the perturbed point). None (default): every parameter.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain.
@@ -267,6 +303,11 @@ def sharpness_aware(
         f"state_type has memory fields {memory_fields}; pass init_memory."
     )
 
+  # Every state built here belongs to a SAM-family transformation: it needs
+  # the clean gradient, so it goes first in a chain (sharpjax.check_chain).
+  if not hasattr(state_type, "FIRST_IN_CHAIN"):
+    state_type.FIRST_IN_CHAIN = True
+
   def keep_dtypes(new_memory, memory):
     return jax.tree.map(
         lambda n, o: jnp.asarray(n, o.dtype).reshape(o.shape), new_memory,
@@ -300,9 +341,11 @@ def sharpness_aware(
   ):
     perturbed_lib.require_extra_args(name, params, loss_fn, batch)
     check_axis(name, axis_name, data_axis_name)
+    _refuse_masked_nodes(name, (updates, params))
+    grads = updates if mask is None else _apply_mask(mask, updates, params)
     memory = {f: getattr(state, f) for f in memory_fields}
     step = step_fn(StepInputs(
-        grads=updates, params=params, count=state.count, memory=memory,
+        grads=grads, params=params, count=state.count, memory=memory,
         loss_fn=loss_fn, batch=batch, has_aux=has_aux, value=value,
         extra=extra_args, axis_name=axis_name, name=name,
     ))
