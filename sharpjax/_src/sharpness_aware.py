@@ -181,16 +181,22 @@ def check_axis(name: str, axis_name: Optional[str],
     )
 
 
-def _refuse_masked_nodes(name: str, tree: Any) -> None:
-  """One line for ``optax.masked`` / ``multi_transform`` around the method."""
+def _has_masked_nodes(tree: Any) -> bool:
+  """Whether ``tree`` comes from inside ``optax.masked`` / ``multi_transform``
+  (the leaves left out are ``optax.MaskedNode``)."""
   is_node = lambda x: isinstance(x, optax.MaskedNode)
-  if any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node)):
-    raise ValueError(
-        f"sharpjax.{name} cannot run inside optax.masked or "
-        "optax.multi_transform: its perturbed pass needs every parameter. "
-        f"Perturb only some parameters with sj.{name}(..., mask=mask), first "
-        "in the chain: optax.chain(sj.sam(rho, mask=mask), base_optimizer)."
-    )
+  return any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node))
+
+
+def _masked_pass_failed(name: str, error: Exception) -> ValueError:
+  """One line for a perturbed pass that met the parameters a mask left out."""
+  return ValueError(
+      f"sharpjax.{name} inside optax.masked or optax.multi_transform gets "
+      "only the selected parameters, and loss_fn failed on that partial tree "
+      f"({type(error).__name__}); perturb only some parameters with "
+      f"sj.{name}(..., mask=mask) first in the chain instead: "
+      "optax.chain(sj.sam(rho, mask=mask), base_optimizer)."
+  )
 
 
 def _apply_mask(mask: Any, grads: Any, params: Any) -> Any:
@@ -341,14 +347,23 @@ def sharpness_aware(
   ):
     perturbed_lib.require_extra_args(name, params, loss_fn, batch)
     check_axis(name, axis_name, data_axis_name)
-    _refuse_masked_nodes(name, (updates, params))
     grads = updates if mask is None else _apply_mask(mask, updates, params)
     memory = {f: getattr(state, f) for f in memory_fields}
-    step = step_fn(StepInputs(
+    inputs = StepInputs(
         grads=grads, params=params, count=state.count, memory=memory,
         loss_fn=loss_fn, batch=batch, has_aux=has_aux, value=value,
         extra=extra_args, axis_name=axis_name, name=name,
-    ))
+    )
+    if _has_masked_nodes(params):
+      # Inside optax.masked: a loss_fn that merges the selected leaves into
+      # the whole parameters itself works (sharpjax.tta does); any other
+      # fails on the MaskedNode leaves, which is said in one line.
+      try:
+        step = step_fn(inputs)
+      except (TypeError, ValueError, AttributeError) as e:
+        raise _masked_pass_failed(name, e) from None
+    else:
+      step = step_fn(inputs)
     direction, diagnostics = step.direction, step.diagnostics
     if axis_name is not None:
       direction, diagnostics = jax.lax.pmean(
