@@ -12,7 +12,8 @@ the same step under ``jax.pmap``, on 4 host devices.
 
 from __future__ import annotations
 
-import functools
+import pathlib
+import re
 
 import chex
 import jax
@@ -135,3 +136,35 @@ def test_shard_map_step_with_global_gradients_equals_pmap(name):
     bank = sj.find_trajectory_state(got[1]).recorded_epoch
     ids = np.asarray(helpers.tiny_batch(size=16)["ids"])
     assert (np.asarray(bank)[..., ids] >= 0).all()  # every example recorded
+
+
+def test_scaling_guide_own_loop_blocks_run_and_agree():
+  """The guide's shard_map block, then its pmap block, as a reader pastes
+  them (on the suite's 8 host devices): both end at the one-device SAM
+  parameters of the whole batch."""
+  text = (pathlib.Path(__file__).parents[1] / "docs" / "guides" /
+          "scaling.md").read_text()
+  section = text.split("## Your own loop", 1)[1]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 2 and "jax.shard_map" in blocks[0]
+  assert "jax.pmap" in blocks[1] and "device_put_replicated" not in section
+  namespace = {}
+  for block in blocks:
+    exec(compile(block, "scaling.md", "exec"), namespace)  # pylint: disable=exec-used
+  single = optax.chain(sj.sam(0.05), optax.sgd(0.1, momentum=0.9))
+  batch = {"x": jnp.asarray(namespace["x"]), "y": jnp.asarray(namespace["y"])}
+  loss_fn = namespace["loss_fn"]
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+    updates, state = single.update(grads, state, params, loss_fn=loss_fn,
+                                   batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  params = {"w": jnp.zeros((10, 2)), "b": jnp.zeros(2)}
+  state = single.init(params)
+  for _ in range(20):
+    params, state = step(params, state)
+  chex.assert_trees_all_close(namespace["params"], params, atol=1e-5)
+  chex.assert_trees_all_close(namespace["pmap_params"], params, atol=1e-5)
