@@ -50,7 +50,9 @@ def sam(
       :math:`w + \epsilon` (the loss always sees all parameters; SAM-ON,
       Mueller et al., NeurIPS 2023, selects the normalization layers). The
       form that works for "SAM on some parameters": ``optax.masked`` or
-      ``optax.multi_transform`` around SAM are refused. None: all.
+      ``optax.multi_transform`` around SAM are refused. None: all. (With
+      ``optax.inject_hyperparams``, name a callable mask in ``static_args``:
+      callables are taken for schedules.)
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain. Its
