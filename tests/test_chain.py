@@ -194,6 +194,8 @@ def test_check_chain_refuses_in_one_line(name):
   with pytest.raises(ValueError, match=match) as e:
     sj.check_chain(build().init({"w": jnp.ones(2)}))
   assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match=match):
+    sj.check_chain(build())  # the transformation itself (probe {"w": [2]})
 
 
 def test_check_chain_covers_a_state_declaring_itself():

@@ -143,6 +143,14 @@ def _walk(x: Any) -> None:
     _walk(child)
 
 
+def _is_transformation(x: Any) -> bool:
+  """A transformation (optax.MultiSteps is not a GradientTransformation but
+  has init and update), as opposed to a state."""
+  return (isinstance(x, optax.GradientTransformation)
+          or (callable(getattr(x, "init", None))
+              and callable(getattr(x, "update", None))))
+
+
 def check_chain(tx_or_state: Any) -> None:
   r"""Refuses a chain in which a sharpness-aware transformation gives wrong numbers.
 
@@ -176,7 +184,7 @@ def check_chain(tx_or_state: Any) -> None:
     ...
     ValueError: sharpjax.check_chain: a SAM-family transformation ...
   """
-  if isinstance(tx_or_state, optax.GradientTransformation):
+  if _is_transformation(tx_or_state):
     try:
       state = jax.eval_shape(tx_or_state.init, _SHAPE_PROBE)
     except Exception as e:  # pylint: disable=broad-except
