@@ -269,7 +269,11 @@ def sharpness_aware(
       selected leaves and zeros elsewhere, so its perturbation (and norm)
       covers the selected leaves only; the loss still sees every parameter,
       and every leaf receives the method's direction (for SAM the gradient
-      at the perturbed point). None (default): every parameter.
+      at the perturbed point). None (default): every parameter. Only a
+      method whose perturbation comes from ``inputs.grads`` honours it
+      (:func:`sharpjax.sam` and :func:`sharpjax.asam` offer it; a step that
+      takes clean gradients of its own, mSAM's per chunk, AUSAM's on its
+      sample, would not see it).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain.
