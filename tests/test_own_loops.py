@@ -111,7 +111,7 @@ def test_shard_map_step_equals_pmap_step(name):
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sam", "saf"])
+@pytest.mark.parametrize("name", ["sam", "gsam", "saf"])
 def test_shard_map_step_with_global_gradients_equals_pmap(name):
   """pmean'd clean gradients (one global perturbation); SAF, which averages
   nothing itself, with its bank written from every device's rows."""
