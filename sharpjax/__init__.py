@@ -58,6 +58,10 @@ from sharpjax._src.perturbed import perturbed_pass
 # Reading the state.
 from sharpjax._src.diagnostics import diagnostics
 
+# A loop of one's own: where the transformations may sit, data parallelism.
+from sharpjax._src.chain import check_chain
+from sharpjax._src.perturbed import gather_examples
+
 # Subpackages load on first use (`sj.training`, `sj.measures`, ...), so that
 # `import sharpjax` stays as light as optax.
 _SUBPACKAGES = ("cli", "configs", "data", "launch", "measures", "models",

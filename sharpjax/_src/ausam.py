@@ -311,8 +311,8 @@ def ausam(
     target = safe_ids[sample]
     if axis_name is not None:
       # Every device writes every device's rows, so the tables stay equal.
-      target, new_scores, new_visits = jax.lax.all_gather(
-          (target, new_scores, new_visits), axis_name, tiled=True
+      target, new_scores, new_visits = perturbed_lib.gather_examples(
+          (target, new_scores, new_visits), axis_name
       )
     # The state this step leads to; the wrapper advances count and stores the
     # diagnostics, the other fields are the step's memory.

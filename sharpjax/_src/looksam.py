@@ -231,8 +231,18 @@ def looksam(
     elif full_step is False:
       direction, memory, diagnostics = reuse()
     elif branch == "cond":
+      # Inside shard_map the branches must agree on what varies by device:
+      # the direction and the diagnostics vary with the batch in both (the
+      # wrapper averages them), the memory is averaged in both.
+      def varying(branch_fn):
+        def run():
+          direction, memory, diagnostics = branch_fn()
+          return (perturbed_lib.vary_like(direction, inputs.batch), memory,
+                  perturbed_lib.vary_like(diagnostics, inputs.batch))
+        return run
+
       direction, memory, diagnostics = jax.lax.cond(
-          count % period() == 0, full, reuse
+          count % period() == 0, varying(full), varying(reuse)
       )
     else:
       is_full = count % period() == 0

@@ -34,6 +34,8 @@ class MESAState(NamedTuple):
   - ``TRACKS_MODEL_STATE = True``: the teacher keeps an EMA of the model state
     (e.g. BatchNorm statistics) once :func:`init_teacher_model_state` is
     called, and then ``update`` wants the ``model_state`` extra argument.
+  - ``PASSES_GRADIENT = True``: ``update`` hands the gradient on unchanged
+    (see :class:`SAFState`).
   """
 
   count: jax.Array
@@ -47,6 +49,7 @@ class MESAState(NamedTuple):
   diagnostics: trajectory_loss.TrajectoryDiagnostics
 
   TRACKS_MODEL_STATE = True
+  PASSES_GRADIENT = True
 
   def trajectory_penalty(
       self, logits: jax.Array, *, ids=None,

@@ -45,6 +45,10 @@ class SAFState(NamedTuple):
   - ``EXAMPLE_AXES``: the per-example tables, field name -> the axis indexed
     by example id (``logit_bank`` and ``recorded_epoch``, axis 1). A trainer
     may shard these fields by example along that axis.
+  - ``PASSES_GRADIENT = True``: ``update`` hands the gradient on unchanged,
+    so SAF may precede a SAM-family transformation in a chain
+    (:func:`sharpjax.check_chain`); it must see every batch, so not inside
+    ``optax.MultiSteps``.
   """
 
   count: jax.Array
@@ -57,6 +61,7 @@ class SAFState(NamedTuple):
   diagnostics: trajectory_loss.TrajectoryDiagnostics
 
   EXAMPLE_AXES = {"logit_bank": 1, "recorded_epoch": 1}
+  PASSES_GRADIENT = True
 
   def trajectory_penalty(
       self, logits: jax.Array, *, ids: jax.Array | None = None,

@@ -126,7 +126,7 @@ def fisher_diagonal(
       )
       return losses[0].astype(jnp.float32)
 
-    return jax.grad(loss)(params)
+    return jax.grad(loss)(perturbed_lib.vary_like(params, example))
 
   def chunk_fisher(chunk):
     return jax.tree.map(
