@@ -179,3 +179,19 @@ def test_a_nan_penalty_with_a_finite_loss_stops_the_run():
     runner._flush([ok, bad], progress, 1, None)  # pylint: disable=protected-access
   assert progress.step == 7 and progress.count == 1
   assert progress.loss_sum == pytest.approx(0.5)
+
+
+def test_the_tensorboard_extra_holds_the_viewer_the_guide_uses():
+  """`pip install 'sharpjax[tensorboard]'` gives the writer and the
+  `tensorboard` command (and event reader) of the scaling guide."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  tomllib = pytest.importorskip("tomllib")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"]
+  names = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower()
+           for d in extras["tensorboard"]}
+  assert {"tensorboardx", "tensorboard"} <= names
+  guide = (root / "docs" / "guides" / "scaling.md").read_text()
+  assert "tensorboard --logdir" in guide

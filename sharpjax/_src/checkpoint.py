@@ -618,6 +618,16 @@ def _restore_data(directory: str, step: int, data_iterator: Any) -> bool:
       os.path.join(_step_dir(directory, step), "data")):
     return False
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(_step_dir(directory, step), "data")
+  mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  saved = sorted(n for n in os.listdir(folder) if n.startswith("process_"))
+  if saved and mine not in saved:
+    raise CheckpointError(
+        f"checkpoint {directory} step {step} holds the data iterator "
+        f"states of another number of processes ({', '.join(saved[:4])}); "
+        f"this run has {jax.process_count()}: restore without "
+        "data_iterator= and start the iterator at the checkpoint's step "
+        "(a sharpjax GrainLoader's batches depend on the step alone).")
   mngr = _manager(directory, None, create=False)
   try:
     mngr.restore(step, args=ocp.args.Composite(
