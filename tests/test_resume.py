@@ -195,3 +195,42 @@ def test_the_tensorboard_extra_holds_the_viewer_the_guide_uses():
   assert {"tensorboardx", "tensorboard"} <= names
   guide = (root / "docs" / "guides" / "scaling.md").read_text()
   assert "tensorboard --logdir" in guide
+
+
+def test_example_tables_fit_another_row_count_or_are_refused(tmp_path):
+  """SAF's bank saved with 8 rows (rows 6 and 7 padding, never written)
+  restores into 6 rows (padding dropped) and into 10 (rows 8 and 9 fresh:
+  zeros, epoch -1), the written rows intact; a bank whose row 7 holds data
+  is refused instead of cut; without fitting, any other row count is
+  refused as before."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import sharpjax as sj  # pylint: disable=g-import-not-at-top
+  from sharpjax._src import checkpoint  # pylint: disable=g-import-not-at-top
+
+  def init(rows):
+    return optax.chain(sj.saf(rows, 3, 2), optax.sgd(0.1)).init(
+        {"w": jnp.zeros(2)})
+
+  def written(rows, row):
+    saf, rest = init(rows)[0], init(rows)[1:]
+    return (saf._replace(
+        logit_bank=saf.logit_bank.at[:, row].set(2.0),
+        recorded_epoch=saf.recorded_epoch.at[:, row].set(1)),) + rest
+
+  d = str(tmp_path)
+  checkpoint.save(d, 1, written(8, 5))
+  small = checkpoint.restore(d, init(6), fit_example_rows=True).state[0]
+  big = checkpoint.restore(d, init(10), fit_example_rows=True).state[0]
+  assert small.logit_bank.shape[1] == 6 and big.logit_bank.shape[1] == 10
+  for table in (small, big):
+    np.testing.assert_array_equal(table.logit_bank[:, 5], 2.0)
+    np.testing.assert_array_equal(table.recorded_epoch[:, 5], 1)
+    np.testing.assert_array_equal(np.delete(table.logit_bank, 5, axis=1), 0)
+    np.testing.assert_array_equal(
+        np.delete(table.recorded_epoch, 5, axis=1), -1)
+  checkpoint.save(d, 2, written(8, 7))
+  with pytest.raises(checkpoint.CheckpointError, match=r"rows 6\.\.7 hold"):
+    checkpoint.restore(d, init(6), 2, fit_example_rows=True)
+  with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
+    checkpoint.restore(d, init(10), 1)

@@ -384,8 +384,8 @@ def _example_axes(tree: Any) -> list[int]:
 
 
 def _rows_only(saved: list, expected: list, axes: list) -> Optional[dict]:
-  """``{leaf index: (axis, saved shape)}`` when the checkpoint differs from
-  the template only in the rows of per-example tables; else None."""
+  """``{leaf index: example axis}`` when the checkpoint differs from the
+  template only in the rows of per-example tables; else None."""
   if len(saved) != len(expected):
     return None
   fit = {}
@@ -397,7 +397,7 @@ def _rows_only(saved: list, expected: list, axes: list) -> Optional[dict]:
         or any(x != y for k, (x, y) in enumerate(zip(a["shape"], b["shape"]))
                if k != axis)):
       return None
-    fit[i] = (axis, tuple(a["shape"]))
+    fit[i] = axis
   return fit
 
 
@@ -502,7 +502,7 @@ def _read_step(directory: str, step: int, template: Any,
       if "sha256" in d and _addressable(x) and _sha256(x) != d["sha256"]:
         raise _Corrupt(f"leaf {d['path']} does not match its recorded "
                        "SHA-256 (its bytes changed on disk)")
-  for i, (axis, _) in fit.items():
+  for i, axis in fit.items():
     arrays[i] = _fit_rows(arrays[i], flat[i], axis,
                           f"checkpoint {directory} step {step}, leaf "
                           f"{saved[i]['path']}")

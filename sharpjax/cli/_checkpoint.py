@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from sharpjax._src import checkpoint as _ckpt
 
@@ -233,6 +233,46 @@ class Checkpointer:
     except FileNotFoundError as e:
       raise CheckpointError(str(e)) from None
     return r.state, r.meta, r.step
+
+
+  def resume(self, template: Any, run: Mapping[str, Any],
+             step: Optional[int], loader_kind: str, loader: Any,
+             total_steps: int, log: Callable[[str], None]
+             ) -> tuple[Any, dict, int, Any, int]:
+    """``train --resume``: the state, and where the data goes on.
+
+    The run definition is compared before any array is read. A grain
+    iterator's saved state is restored only into the same pipeline
+    (:func:`grain_state_usable`, saying why not otherwise); else a grain
+    run's iterator starts at the checkpoint's step, which reads the same
+    batches.
+
+    Returns:
+      ``(state, meta, step, feed, data_start)``: ``feed`` the grain iterator
+      over ``[data_start, total_steps)`` (None with the numpy loader, which
+      restarts from the step by itself).
+    """
+    first, meta = self.check_run(run, step)  # before any array
+    why = grain_state_usable(meta.get("loader"),
+                             loader_settings(loader_kind, loader))
+    saved_kind = (meta.get("loader") or {}).get("kind")
+    if why is not None and loader_kind == "grain" and saved_kind == "grain":
+      log(f"note: the grain iterator state of checkpoint {first} is not used "
+          f"({why}); the loader starts at step {meta['progress']['step']}, "
+          "which reads the same batches.")
+    data_start = int(meta["loader"].get("start", 0)) if why is None else 0
+    feed = loader.batches(data_start, total_steps) if why is None else None
+    state, meta, step = self.restore(template, run, step, writer=True,
+                                     data_iterator=feed)
+    if meta["data_restored"] and (meta.get("loader") or {}).get(
+        "start", 0) != data_start:  # an older step of another start
+      meta["data_restored"] = False
+    if loader_kind == "grain" and not meta["data_restored"]:
+      if feed is not None:
+        feed.close()
+      data_start = int(meta["progress"]["step"])
+      feed = loader.batches(data_start, total_steps)
+    return state, meta, step, feed, data_start
 
 
 def load_run(directory: str, step: Optional[int] = None):

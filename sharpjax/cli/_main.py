@@ -539,12 +539,12 @@ def _compare_run(runner, seed: int, probe, args, show: bool):
 
 def cmd_train(args) -> int:
   from sharpjax.cli import _checkpoint  # pylint: disable=g-import-not-at-top
+  from sharpjax.cli import _report  # pylint: disable=g-import-not-at-top
   from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
 
   _methods.get(args.method)
   config = _config(args)
   overrides = _validate.overrides(args, [args.method]).get(args.method, {})
-  from sharpjax.cli import _report  # pylint: disable=g-import-not-at-top
   _report.check_out_dir(args.out)
   ckpt_dir = args.ckpt_dir or os.path.join(args.out, "checkpoints")
   _report.check_out_dir(ckpt_dir, "--ckpt-dir")
@@ -559,36 +559,14 @@ def cmd_train(args) -> int:
   total = runner.total_steps
   train_json = os.path.join(args.out, "train.json")
   loader = env.loader(args.seed)
-  # With grain the batches come from one iterator whose state the
-  # checkpoints keep, counted from the step it starts at; the numpy loader
-  # restarts from the step. A grain state is restored only into the same
-  # pipeline (processes, workers); any other run starts at the step.
+  # With grain the batches come from one iterator (feed) whose state the
+  # checkpoints keep; the numpy loader restarts from the step.
   data_start = 0
   if args.resume:
-    step, meta = ckpt.check_run(run_def, args.step)  # before any array
-    settings = _checkpoint.loader_settings(args.loader, loader)
-    why = _checkpoint.grain_state_usable(meta.get("loader"), settings)
-    if args.loader == "grain" and why is None:
-      data_start = int(meta["loader"].get("start", 0))
-    elif args.loader == "grain" and meta.get("loader", {}).get("kind") == (
-        "grain"):
-      _log(f"note: the grain iterator state of checkpoint {step} is not "
-           f"used ({why}); the loader starts at step "
-           f"{meta['progress']['step']}, which reads the same batches.")
-    feed = (loader.batches(data_start, total)
-            if args.loader == "grain" and why is None else None)
-    state, meta, step = ckpt.restore(runner.init_state(args.seed), run_def,
-                                     args.step, writer=True,
-                                     data_iterator=feed)
+    state, meta, step, feed, data_start = ckpt.resume(
+        runner.init_state(args.seed), run_def, args.step, args.loader, loader,
+        total, _log)
     progress = _runner.Progress.from_dict(meta["progress"])
-    if meta["data_restored"] and (meta.get("loader") or {}).get(
-        "start", 0) != data_start:  # an older step restored after all
-      meta["data_restored"] = False
-    if args.loader == "grain" and not meta["data_restored"]:
-      if feed is not None:
-        feed.close()
-      data_start = progress.step
-      feed = loader.batches(data_start, total)
     if int(state.step) != progress.step:
       raise _checkpoint.CheckpointError(
           f"checkpoint {ckpt_dir} step {step}: the state is at step "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from typing import Mapping, Optional
 
 import jax
@@ -62,11 +61,14 @@ class TensorBoardLog:
           "'sharpjax[tensorboard]'.") from e
     self._summary, self._pb = summary, event_pb2
     os.makedirs(self.logdir, exist_ok=True)
-    # Event files are named by the second they were opened and the host:
-    # the suffix keeps two runs of the same second apart.
+    # Event files are named by the second they were opened and the host,
+    # and TensorBoard reads them in the order of their names: the suffix
+    # (the time in nanoseconds) keeps two runs of the same second apart, in
+    # the order they ran (a resumed run's purge must come after the events
+    # it purges).
     self._writer = event_file_writer.EventsWriter(
         os.path.join(self.logdir, "events"),
-        f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        f".{time.time_ns():020d}.{os.getpid()}")
     if resumed_at is not None:  # TensorBoard's purge: a session start
       self._writer.write_event(event_pb2.Event(
           step=int(resumed_at) + 1, wall_time=time.time(),
