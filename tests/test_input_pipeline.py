@@ -200,6 +200,18 @@ def test_iterator_state_in_the_train_state_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no data iterator state"):
     launch.restore_state(ckpt, {"w": jnp.zeros(3)}, step=6,
                          data_iterator=loader.batches(0, 12))
+  # A checkpoint of 2 processes' iterators (as 2 processes write it) read by
+  # this 1 process: an error naming the counts and what to do, not orbax's
+  # "process_0-of-1.json does not exist".
+  folder = os.path.join(ckpt, "5", "data")
+  os.rename(os.path.join(folder, "process_0-of-1.json"),
+            os.path.join(folder, "process_0-of-2.json"))
+  with pytest.raises(launch.CheckpointError,
+                     match=r"another number of processes \(process_0-of-2"
+                     r"\.json\); this run has 1: restore without "
+                     "data_iterator="):
+    launch.restore_state(ckpt, {"w": jnp.zeros(3)}, step=5,
+                         data_iterator=loader.batches(0, 12))
 
 
 def test_prefetch_to_device_keeps_batches_in_flight_in_order():
