@@ -234,3 +234,25 @@ def test_example_tables_fit_another_row_count_or_are_refused(tmp_path):
     checkpoint.restore(d, init(6), 2, fit_example_rows=True)
   with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
     checkpoint.restore(d, init(10), 1)
+
+
+def test_a_run_is_finished_only_by_its_final_record_of_that_step(tmp_path):
+  """`train --resume` trains nothing only when train.json is the final
+  record (with a result) of the checkpoint's step: not an intermediate
+  record (a run killed after its last checkpoint) nor the result of an
+  earlier, shorter run (killed between its checkpoint and train.json)."""
+  path = str(tmp_path / "train.json")
+  common = dict(command="sharpjax train", run={"seed": 0}, total_steps=20,
+                checkpoint_dir="ckpt", loader={"kind": "numpy"},
+                parallel={"devices": 1})
+  assert not _checkpoint.train_json_done(path, 10)  # no record yet
+  _checkpoint.write_train_json(path, progress={"step": 10, "history": []},
+                               **common)
+  assert not _checkpoint.train_json_done(path, 10)  # intermediate
+  record = _checkpoint.write_train_json(
+      path, progress={"step": 10, "history": [{"epoch": 1}]},
+      result={"steps": 10}, **common)
+  assert (record["step"], record["complete"], record["history"]) == (
+      10, False, [{"epoch": 1}])
+  assert _checkpoint.train_json_done(path, 10)
+  assert not _checkpoint.train_json_done(path, 15)
