@@ -201,8 +201,8 @@ def test_example_tables_fit_another_row_count_or_are_refused(tmp_path):
   """SAF's bank saved with 8 rows (rows 6 and 7 padding, never written)
   restores into 6 rows (padding dropped) and into 10 (rows 8 and 9 fresh:
   zeros, epoch -1), the written rows intact; a bank whose row 7 holds data
-  is refused instead of cut; without fitting, any other row count is
-  refused as before."""
+  is refused instead of cut; 6 rows grow into 8 sharded over 4 devices;
+  without fitting, any other row count is refused as before."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import sharpjax as sj  # pylint: disable=g-import-not-at-top
@@ -229,9 +229,26 @@ def test_example_tables_fit_another_row_count_or_are_refused(tmp_path):
     np.testing.assert_array_equal(np.delete(table.logit_bank, 5, axis=1), 0)
     np.testing.assert_array_equal(
         np.delete(table.recorded_epoch, 5, axis=1), -1)
-  checkpoint.save(d, 2, written(8, 7))
+  # 6 rows (one device) into 8 sharded by example over 4 devices: 6 rows do
+  # not divide over them, so they are read replicated, then fitted.
+  import jax  # pylint: disable=g-import-not-at-top
+  from sharpjax._src import protocol  # pylint: disable=g-import-not-at-top
+  checkpoint.save(d, 3, written(6, 5))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+  spec = jax.sharding.PartitionSpec
+  shardings = protocol.map_example_tables(
+      lambda leaf, axis: jax.sharding.NamedSharding(
+          mesh, spec(*([None] * axis), "data")), init(8),
+      lambda leaf: jax.sharding.NamedSharding(mesh, spec()))
+  on_mesh = jax.device_put(init(8), shardings)
+  grown = checkpoint.restore(d, on_mesh, 3, fit_example_rows=True).state[0]
+  assert grown.logit_bank.sharding == on_mesh[0].logit_bank.sharding
+  np.testing.assert_array_equal(grown.logit_bank[:, 5], 2.0)
+  np.testing.assert_array_equal(np.delete(grown.recorded_epoch, 5, axis=1),
+                                -1)
+  checkpoint.save(d, 4, written(8, 7), keep=None)
   with pytest.raises(checkpoint.CheckpointError, match=r"rows 6\.\.7 hold"):
-    checkpoint.restore(d, init(6), 2, fit_example_rows=True)
+    checkpoint.restore(d, init(6), 4, fit_example_rows=True)
   with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
     checkpoint.restore(d, init(10), 1)
 
