@@ -339,8 +339,8 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, method):
     # last checkpoint (step 10, every 5 steps) must be usable.
     real_flush = _runner.MethodRunner._flush
 
-    def flush(self, pending, progress, epoch, bar):
-      real_flush(self, pending, progress, epoch, bar)
+    def flush(self, pending, progress, epoch, bar, log=True):
+      real_flush(self, pending, progress, epoch, bar, log)
       if progress.step >= 12:
         raise KeyboardInterrupt
 

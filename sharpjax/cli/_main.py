@@ -328,13 +328,13 @@ def _make_env(args, config: _setup.Config) -> _setup.Env:
   return _setup.make_env(config, devices, args.loader, args.loader_workers)
 
 
-def _tensorboard(args, subdir: str = "", purge_step=None):
+def _tensorboard(args, subdir: str = "", resumed_at=None):
   """The TensorBoard log of a run (None without ``--tensorboard``)."""
   if args.tensorboard is None:
     return None
   from sharpjax.cli import _tensorboard as tb  # pylint: disable=g-import-not-at-top
   return tb.TensorBoardLog(os.path.join(args.tensorboard, subdir),
-                           purge_step=purge_step)
+                           resumed_at=resumed_at)
 
 
 def _flags(args) -> dict:
@@ -575,10 +575,6 @@ def cmd_train(args) -> int:
   _report.check_out_dir(ckpt_dir, "--ckpt-dir")
   env = _make_env(args, config)
   runner = _runner.MethodRunner(env, args.method, _flags(args), overrides)
-  # With grain the batches come from one iterator over the whole run, whose
-  # state the checkpoints keep (the numpy loader restarts from the step).
-  feed = (env.loader(args.seed).batches(0, runner.total_steps)
-          if args.loader == "grain" else None)
   save_every = args.save_every or env.steps_per_epoch
   ckpt = _checkpoint.Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
   ckpt.clean()  # the folders of a save interrupted last time
@@ -589,15 +585,15 @@ def cmd_train(args) -> int:
   profiler = _profile.StepProfiler(os.path.join(args.out, "profile"),
                                    _profile.parse(args.profile_steps, total))
   train_json = os.path.join(args.out, "train.json")
+  loader = env.loader(args.seed)
+  # With grain the batches come from one iterator (feed) whose state the
+  # checkpoints keep; the numpy loader restarts from the step.
+  data_start = 0
   if args.resume:
-    ckpt.check_run(run_def, args.step)  # a clear mismatch before any array
-    state, meta, step = ckpt.restore(runner.init_state(args.seed), run_def,
-                                     args.step, writer=True,
-                                     data_iterator=feed)
+    state, meta, step, feed, data_start = ckpt.resume(
+        runner.init_state(args.seed), run_def, args.step, args.loader, loader,
+        total, _log)
     progress = _runner.Progress.from_dict(meta["progress"])
-    if feed is not None and not meta["data_restored"]:
-      feed.close()  # a checkpoint of the numpy loader: start at the step
-      feed = env.loader(args.seed).batches(progress.step, runner.total_steps)
     if int(state.step) != progress.step:
       raise _checkpoint.CheckpointError(
           f"checkpoint {ckpt_dir} step {step}: the state is at step "
@@ -608,11 +604,14 @@ def cmd_train(args) -> int:
         _log(f"note: --step {step}: the newer checkpoints are set aside "
              f"(kept, no longer resumed from): {', '.join(moved)}")
     end = total if args.max_steps is None else min(args.max_steps, total)
-    if progress.step >= end and os.path.exists(train_json):
+    if progress.step >= end and _checkpoint.train_json_done(train_json,
+                                                            progress.step):
       why = ("finished" if progress.step >= total
              else f"already at --max-steps {args.max_steps}")
       _log(f"the run in {ckpt_dir} is {why} (step {progress.step} of "
            f"{total}): nothing to train; {train_json} is left as it is.")
+      if feed is not None:
+        feed.close()
       return 0
     _log(f"resuming {args.method} seed {args.seed} from step {progress.step} "
          f"(epoch {progress.step // env.steps_per_epoch + 1}, batch "
@@ -623,22 +622,31 @@ def cmd_train(args) -> int:
           f"{ckpt_dir} already holds checkpoints (steps {ckpt.steps()}): pass "
           "--resume to continue that run, or choose another --ckpt-dir.")
     state, progress = None, None
-  saved = {"step": None}
+    feed = loader.batches(0, total) if args.loader == "grain" else None
+  loader_meta = _checkpoint.loader_settings(args.loader, loader, data_start)
+  board = None
 
-  def position(step):
-    # Where the data iterator is: DataLoader(seed).batch(epoch, batch) is the
-    # next batch (the order of an epoch depends on (seed, epoch) alone).
-    return {"data_position": {"epoch": step // env.steps_per_epoch,
-                              "batch": step % env.steps_per_epoch,
-                              "steps_per_epoch": env.steps_per_epoch,
-                              "loader_seed": args.seed}}
+  def save(st, prog, result=None):
+    """A checkpoint (its data position, the loader) and train.json."""
+    if board is not None:
+      board.flush()  # every event up to the checkpoint is on disk
+    position = {"epoch": prog.step // env.steps_per_epoch,
+                "batch": prog.step % env.steps_per_epoch,
+                "steps_per_epoch": env.steps_per_epoch,
+                "loader_seed": args.seed}
+    ckpt.save(st, run_def, prog.to_dict(),
+              {"data_position": position, "loader": loader_meta},
+              data_iterator=runner.feed if feed is not None else None)
+    _checkpoint.write_train_json(
+        train_json, command="sharpjax " + " ".join(args.argv), run=run_def,
+        progress=prog.to_dict(), total_steps=total, checkpoint_dir=ckpt_dir,
+        loader=loader_meta, parallel=env.devices.to_dict(), result=result,
+        extra={"settings": settings})
 
   def on_step(st, prog):
     stop = bool(_TERM_RECEIVED)  # SIGTERM: save here, then stop
     if prog.step % save_every == 0 or prog.step == total or stop:
-      ckpt.save(st, run_def, prog.to_dict(), position(prog.step),
-                data_iterator=runner.feed if feed is not None else None)
-      saved["step"] = prog.step
+      save(st, prog)
     if stop:
       raise KeyboardInterrupt
 
@@ -648,7 +656,7 @@ def cmd_train(args) -> int:
        f"in {ckpt_dir}; on {env.devices.describe()}")
   _devices.log_process(env.devices, config.batch_size)  # one line each
   t0 = time.perf_counter()
-  board = _tensorboard(args, purge_step=progress.step if progress else None)
+  board = _tensorboard(args, resumed_at=progress.step if progress else None)
   try:
     state, progress, timing = runner.run(
         args.seed, state, progress, stop_at=args.max_steps, on_step=on_step,
@@ -670,18 +678,10 @@ def cmd_train(args) -> int:
   finally:
     if board is not None:
       board.close()
-  ckpt.save(state, run_def, progress.to_dict(), position(progress.step),
-            data_iterator=runner.feed if feed is not None else None)
+      board = None
   result = _runner.summarize_run(args.method, args.seed, runner.hyper,
                                  progress, timing, state, None)
-  payload = {"command": "sharpjax " + " ".join(args.argv),
-             "finished": _report.utc_now(), "run": run_def,
-             "complete": progress.step >= total, "checkpoint_dir": ckpt_dir,
-             "result": result.to_dict(), "versions": _report.versions(),
-             "device": _report.device_info(),
-             "parallel": env.devices.to_dict(), "settings": settings}
-  if env.devices.is_main:  # process 0 writes the report
-    _report.write_json(train_json, payload)
+  save(state, progress, result.to_dict())
   f = result.final
   done = "done" if progress.step >= total else "stopped (--max-steps)"
   _log(f"{done} at step {progress.step}/{total} in "
