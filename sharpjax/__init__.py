@@ -20,6 +20,7 @@ from sharpjax._src.gsam import gsam_rho_schedule
 from sharpjax._src.looksam import looksam
 from sharpjax._src.looksam import LookSAMState
 from sharpjax._src.msam import msam
+from sharpjax._src.msam import MSAMState
 from sharpjax._src.sagm import sagm
 
 # The SAM family, cost-cutting variants: ESAM, SSAM, AUSAM.
@@ -54,6 +55,13 @@ from sharpjax._src.ascent import default_adaptive_mask
 from sharpjax._src.ascent import sam_perturbation
 from sharpjax._src.perturbed import Diagnostics
 from sharpjax._src.perturbed import perturbed_pass
+from sharpjax._src.perturbed import PerturbedPass
+
+# Where a step's gradients are taken, for a user's own loop.
+from sharpjax._src.protocol import gradient_points
+from sharpjax._src.protocol import passes
+from sharpjax._src.protocol import pop_step_passes
+from sharpjax._src.protocol import StepPasses
 
 # Reading the state.
 from sharpjax._src.diagnostics import diagnostics

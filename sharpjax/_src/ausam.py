@@ -9,7 +9,7 @@ per-example gradient norm) that the optimizer state keeps by sample id.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import example_ids
 from sharpjax._src import perturbed as perturbed_lib
+from sharpjax._src import protocol
 from sharpjax._src import sharpness_aware as wrapper
 
 
@@ -35,12 +36,18 @@ class AUSAMState(NamedTuple):
       so far (they are trained on but never read or write a table row).
     diagnostics: what the last step saw; read it with
       :func:`sharpjax.diagnostics`.
+    passes: None between steps; after ``update(..., report_passes=True)``
+      the :class:`sharpjax.StepPasses` of the clean pass on the sample
+      (taken out by :func:`sharpjax.pop_step_passes`).
 
   Class attributes (not fields), read by trainers instead of testing the type:
 
   - ``EXAMPLE_AXES``: the per-example tables, field name -> the axis indexed
     by example id (``scores`` and ``visits``, axis 0). A trainer may shard
     these fields by example along that axis.
+  - ``PASSES = "own"``: AUSAM runs its own passes on its sample; the loop
+    runs none, and the sample's clean pass gives the step's losses, logits
+    and model state.
   """
 
   count: jax.Array
@@ -49,8 +56,10 @@ class AUSAMState(NamedTuple):
   visits: jax.Array
   dropped_ids: jax.Array
   diagnostics: perturbed_lib.Diagnostics
+  passes: Optional[protocol.StepPasses] = None
 
   EXAMPLE_AXES = {"scores": 0, "visits": 0}
+  PASSES = protocol.OWN
 
 
 def upper_frequency(count, f_min, f_max, transition_steps) -> jax.Array:
@@ -162,18 +171,16 @@ def ausam(
 
   Cost: both passes run on the static-size sample :math:`T` (a gather of
   :math:`\lceil\alpha b\rceil` examples), so a step costs about
-  :math:`2\alpha` forward-backward passes. AUSAM computes its clean gradient
-  on :math:`T`, as the paper does, and does not use the full-batch gradient
-  passed to ``update``: when the caller computes that gradient in the same
-  jitted step and uses it for nothing else, XLA removes it as dead code (a
-  test checks that the compiled step holds the two passes on :math:`T` and
-  nothing else). In units of a forward pass over the batch (a backward costs
-  about two, SGD 3): :math:`6\alpha` (3 at :math:`\alpha = 0.5`, SGD's
-  cost), plus 1 when the caller keeps its clean forward for its own metrics
-  (1.33x SGD), plus 2 more when it also keeps the clean gradient alive (for
-  example by averaging it across devices before ``update``, or reporting its
-  norm): then the step costs SAM's. The score table is updated in place (the
-  written rows depend on the rows read), so a donated state is not copied.
+  :math:`2\alpha` forward-backward passes: SGD's FLOPs at :math:`\alpha =
+  0.5`. AUSAM computes its clean gradient on :math:`T`, as the paper does,
+  and does not use the full-batch gradient passed to ``update``. Its state
+  declares ``PASSES = "own"``: :func:`sharpjax.training.make_trainer` runs
+  no clean pass, and the step's loss, accuracy and BatchNorm statistics are
+  those of the clean pass on :math:`T` (recorded with
+  ``update(..., report_passes=True)``, see :func:`sharpjax.pop_step_passes`).
+  A caller that computes the full-batch gradient anyway pays for it. The
+  score table is updated in place (the written rows depend on the rows
+  read), so a donated state is not copied.
 
   Differences from the official code (ajiaaa/AUSAM): there is no full-batch
   first epoch to initialise the scores; an example never sampled instead
@@ -331,8 +338,12 @@ def ausam(
       # Every device counts the dropped ids of all devices.
       new_state = new_state._replace(dropped_ids=state.dropped_ids + (
           jax.lax.psum(new_state.dropped_ids - state.dropped_ids, axis_name)))
+    record = protocol.StepPasses(
+        clean.losses.astype(jnp.float32),
+        jax.tree.map(lambda a: a[None], clean.aux),
+        None if k == size else sample.astype(jnp.int32))
     return wrapper.Step(result.grads, new_state.diagnostics,
-                        wrapper.memory_of(new_state))
+                        wrapper.memory_of(new_state), passes=record)
 
   return wrapper.sharpness_aware(
       step,
