@@ -214,6 +214,10 @@ def train_step(spec: StepSpec, state: TrainState, batch: Batch,
         _gradients_at(spec, points, mean_loss))
     if kind == protocol.POINTS:
       extra["point_passes"] = point_passes
+    else:
+      # The clean per-example losses (task + penalty), this device's batch:
+      # a method that ranks examples by them need not run that forward again.
+      extra["clean_losses"] = point_passes[0].losses
   if axis is not None:
     if value is not None:
       value = jax.lax.pmean(value, axis)
