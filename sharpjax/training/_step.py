@@ -1,9 +1,12 @@
 r"""The training and evaluation step, as plain functions of a :class:`StepSpec`.
 
-One step: the clean forward-backward pass in train mode (its new model state
-kept), the SAF/MESA penalty added to the per-example losses when the chain
-holds a trajectory regularizer, and ``tx.update`` called with every extra
-argument a sharpjax transformation may want. What the optimizer state needs
+One step: the passes the optimizer state asks for (:func:`sharpjax.passes`:
+the clean forward-backward pass in train mode, one per point a method
+chooses, or none when the method runs its own), the SAF/MESA penalty added
+to the per-example losses when the chain holds a trajectory regularizer, and
+``tx.update`` called with every extra argument a sharpjax transformation may
+want; the new model state and the metrics come from the clean pass, the
+first point, or the method's own passes. What the optimizer state needs
 (example ids, the model state, a host-chosen branch) is read from the state
 itself (:mod:`sharpjax._src.protocol`), never from the method's type.
 
