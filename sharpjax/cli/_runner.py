@@ -36,6 +36,7 @@ import optax
 
 import sharpjax as sj
 from sharpjax import training
+from sharpjax.training import _host
 from sharpjax._src import base
 from sharpjax.cli import _methods
 from sharpjax.cli import _setup
@@ -353,8 +354,8 @@ class MethodRunner:
 
   def _flush(self, pending, progress: Progress, epoch: int, bar) -> None:
     on_log = self._on_log
-    fetched = jax.device_get([{k: v for k, v in m.items() if np.ndim(v) == 0}
-                              for m in pending])
+    fetched = _host.to_host([{k: v for k, v in m.items() if np.ndim(v) == 0}
+                             for m in pending])
     values = [(m["loss"], m["accuracy"], m.get("penalty", 0.0))
               for m in fetched]
     for loss, acc, pen in values:
