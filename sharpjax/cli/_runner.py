@@ -90,6 +90,8 @@ class RunResult:
     state_bytes: parameters + model state + optimizer state (None: failed).
     sharpness, hessian_trace: top Hessian eigenvalue and trace at the end.
     failed: why the run stopped early (a non-finite loss), else None.
+    flops_per_step, bytes_accessed: XLA's cost analysis of one compiled step
+      (:meth:`sharpjax.training.Trainer.step_cost`; None when not measured).
   """
 
   method: str
@@ -105,6 +107,8 @@ class RunResult:
   sharpness: Optional[float] = None
   hessian_trace: Optional[float] = None
   failed: Optional[str] = None
+  flops_per_step: Optional[float] = None
+  bytes_accessed: Optional[float] = None
 
   @property
   def final(self) -> dict:
@@ -205,6 +209,7 @@ class MethodRunner:
     self._on_log = None
     self._compiled = False
     self.compile_s = 0.0
+    self.cost = None  # Trainer.step_cost of the step, from the first run
 
   @property
   def total_steps(self) -> int:
@@ -305,6 +310,8 @@ class MethodRunner:
         for i in range(pos, last):
           batch = next(self.feed)
           if not self._compiled:
+            if self.cost is None:  # compiles the step apart; nothing runs
+              self.cost = self.trainer.step_cost(state, batch)
             tc = time.perf_counter()
             state, metrics = self.trainer.step(state, batch)
             jax.block_until_ready(metrics)
@@ -349,7 +356,7 @@ class MethodRunner:
         bar.close()
       self.feed.close()
     timing = {"epoch_ms": epoch_ms, "compile_s": self.compile_s,
-              "wall_s": time.perf_counter() - t_start}
+              "wall_s": time.perf_counter() - t_start, "cost": self.cost}
     return state, progress, timing
 
   def _flush(self, pending, progress: Progress, epoch: int, bar) -> None:
@@ -454,6 +461,7 @@ def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
                   timing: dict, state, sharpness: Optional[float],
                   hessian_trace: Optional[float] = None) -> RunResult:
   ms = timing["epoch_ms"]
+  cost = timing.get("cost") or {}
   return RunResult(
       method=method, seed=seed, hyper=dict(hyper), history=progress.history,
       steps=progress.step,
@@ -462,7 +470,9 @@ def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
       peak_rss_mib=peak_rss_mib(),
       state_bytes=tree_bytes((state.params, state.model_state,
                               state.opt_state)),
-      sharpness=sharpness, hessian_trace=hessian_trace)
+      sharpness=sharpness, hessian_trace=hessian_trace,
+      flops_per_step=cost.get("flops"),
+      bytes_accessed=cost.get("bytes_accessed"))
 
 
 def failed_run(method: str, seed: int, hyper: dict, progress: Progress,
