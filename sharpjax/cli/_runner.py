@@ -310,12 +310,12 @@ class MethodRunner:
         for i in range(pos, last):
           batch = next(self.feed)
           if not self._compiled:
-            if self.cost is None:  # compiles the step apart; nothing runs
-              self.cost = self.trainer.step_cost(state, batch)
             tc = time.perf_counter()
             state, metrics = self.trainer.step(state, batch)
             jax.block_until_ready(metrics)
             self.compile_s = time.perf_counter() - tc
+            if self.cost is None:  # the step just compiled: nothing runs
+              self.cost = self.trainer.step_cost(state, batch)
             self._compiled = True
             t0 = time.perf_counter()
           else:
