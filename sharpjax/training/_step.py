@@ -287,7 +287,7 @@ def _gradients_at(spec: StepSpec, points: tuple, mean_loss):
   """The gradients at ``points``: ``(value_and_aux, grads, point_passes)``.
 
   ``value_and_aux`` and ``grads`` are the first point's; ``point_passes``
-  holds a :class:`~sharpjax._src.perturbed.PerturbedPass` per point. One
+  holds a :class:`sharpjax.PerturbedPass` per point. One
   point is one forward-backward pass; several are one ``vmap`` over the
   stacked points (``spec.point_sharding`` spreads them over a mesh axis).
   """
