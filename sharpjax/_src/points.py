@@ -1,0 +1,97 @@
+r"""Gradients at points a method takes from its state.
+
+Momentum-SAM and SAMPa take no gradient at the current parameters: the
+point (or points) where a step's gradients are taken are known from the
+state and the parameters before the step starts. The state says where
+(``points(params)``); whoever drives the step computes the gradients there
+and passes them to ``update`` as ``point_grads=`` (a tuple, one gradient per
+point, in the order of ``points``). Without ``point_grads`` the
+transformation takes those passes itself from the ``loss_fn`` and ``batch``
+extra arguments (then the gradient passed to ``update`` is used for the
+diagnostics only).
+
+This module holds what both methods share: reading ``point_grads``, and the
+passes at several points, batched into one computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sharpjax._src import perturbed as perturbed_lib
+
+
+class PointPasses(NamedTuple):
+  """Gradients (and mean losses) at a method's points.
+
+  Attributes:
+    grads: a tuple of gradients, one per point, each shaped like the
+      parameters.
+    losses: a tuple of float32 mean losses, one per point (NaN when the
+      caller passed the gradients without ``point_losses``).
+  """
+
+  grads: tuple
+  losses: tuple
+
+
+def add_to(params: Any, delta: Any) -> Any:
+  """``params + delta`` in float32, cast back to each parameter's dtype."""
+  return jax.tree.map(
+      lambda p, d: (p.astype(jnp.float32) + d).astype(p.dtype), params, delta)
+
+
+def given(point_grads: Any, point_losses: Any, num_points: int, updates: Any,
+          name: str) -> Optional[PointPasses]:
+  """The caller's ``point_grads`` checked (None when not passed).
+
+  Raises a ``ValueError`` at trace time when the count of gradients differs
+  from the method's points or a gradient is not shaped like ``updates``.
+  """
+  if point_grads is None:
+    return None
+  if not isinstance(point_grads, (tuple, list)) or len(point_grads) != num_points:
+    raise ValueError(
+        f"sharpjax.{name}: point_grads must be a tuple of {num_points} "
+        f"gradient(s), one per point of the state's points(params), got "
+        f"{type(point_grads).__name__}"
+        + (f" of length {len(point_grads)}"
+           if isinstance(point_grads, (tuple, list)) else "") + ".")
+  want = jax.tree.structure(updates)
+  for i, g in enumerate(point_grads):
+    if jax.tree.structure(g) != want:
+      raise ValueError(
+          f"sharpjax.{name}: point_grads[{i}] is not shaped like the "
+          f"gradient: {jax.tree.structure(g)} vs {want}.")
+  if point_losses is None:
+    losses = (jnp.full((), jnp.nan, jnp.float32),) * num_points
+  else:
+    losses = tuple(jnp.asarray(x, jnp.float32).reshape(())
+                   for x in point_losses)
+  return PointPasses(tuple(point_grads), losses)
+
+
+def passes(loss_fn: perturbed_lib.LossFn, points: Sequence[Any], batch: Any,
+           *, has_aux: bool, name: str) -> PointPasses:
+  """The gradient of the mean loss on ``batch`` at each of ``points``.
+
+  One point is one forward-backward pass; several points are one batched
+  computation (``jax.vmap`` over the points, the batch shared), so that on
+  one device they run as one program rather than one after the other.
+  """
+  if len(points) == 1:
+    out = perturbed_lib.gradient_pass(loss_fn, points[0], batch,
+                                      has_aux=has_aux, name=name)
+    return PointPasses((out.grads,), (out.loss,))
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
+  out = jax.vmap(
+      lambda p: perturbed_lib.gradient_pass(loss_fn, p, batch,
+                                            has_aux=has_aux, name=name)
+  )(stacked)
+  n = len(points)
+  grads = tuple(jax.tree.map(lambda x, i=i: x[i], out.grads)
+                for i in range(n))
+  return PointPasses(grads, tuple(out.loss[i] for i in range(n)))
