@@ -37,7 +37,9 @@ class SAMPaState(NamedTuple):
       :math:`y`; None when ``momentum`` is 0.
     ascent_scale: float32 scalar :math:`\rho / (\|g_y\| + 10^{-12})`, set
       at the end of the previous update for the coming step.
-    learning_rate: float32 scalar :math:`\eta` of the coming step.
+    learning_rate: float32 scalar :math:`\eta` of the coming step (0 before
+      the first update, so the first :math:`y` is :math:`x_0`, as in the
+      official code).
     momentum: float32 scalar, the base optimizer's momentum :math:`\mu`.
     weight_decay: float32 scalar, the base optimizer's weight decay.
     diagnostics: what the last step saw.
@@ -195,7 +197,8 @@ def sampa(
         velocity=(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
                                params) if mu else None),
         ascent_scale=jnp.zeros([], jnp.float32),
-        learning_rate=base.resolve(learning_rate, jnp.zeros([], jnp.int32)),
+        # No step with g_y yet: the first y is x_0 itself.
+        learning_rate=jnp.zeros([], jnp.float32),
         momentum=jnp.asarray(mu, jnp.float32),
         weight_decay=jnp.asarray(weight_decay, jnp.float32),
         diagnostics=perturbed_lib.init_diagnostics(),
