@@ -64,6 +64,13 @@ from sharpjax._src.ascent import default_adaptive_mask
 from sharpjax._src.ascent import sam_perturbation
 from sharpjax._src.perturbed import Diagnostics
 from sharpjax._src.perturbed import perturbed_pass
+from sharpjax._src.perturbed import PerturbedPass
+
+# Where a step's gradients are taken, for a user's own loop.
+from sharpjax._src.protocol import gradient_points
+from sharpjax._src.protocol import passes
+from sharpjax._src.protocol import pop_step_passes
+from sharpjax._src.protocol import StepPasses
 
 # Reading the state.
 from sharpjax._src.diagnostics import diagnostics

@@ -9,7 +9,7 @@ per-example gradient norm) that the optimizer state keeps by sample id.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import example_ids
 from sharpjax._src import perturbed as perturbed_lib
+from sharpjax._src import protocol
 from sharpjax._src import sharpness_aware as wrapper
 
 
@@ -35,12 +36,18 @@ class AUSAMState(NamedTuple):
       so far (they are trained on but never read or write a table row).
     diagnostics: what the last step saw; read it with
       :func:`sharpjax.diagnostics`.
+    passes: None between steps; after ``update(..., report_passes=True)``
+      the :class:`sharpjax.StepPasses` of the clean pass on the sample
+      (taken out by :func:`sharpjax.pop_step_passes`).
 
   Class attributes (not fields), read by trainers instead of testing the type:
 
   - ``EXAMPLE_AXES``: the per-example tables, field name -> the axis indexed
     by example id (``scores`` and ``visits``, axis 0). A trainer may shard
     these fields by example along that axis.
+  - ``PASSES = "own"``: AUSAM runs its own passes on its sample; the loop
+    runs none, and the sample's clean pass gives the step's losses, logits
+    and model state.
   """
 
   count: jax.Array
@@ -49,8 +56,10 @@ class AUSAMState(NamedTuple):
   visits: jax.Array
   dropped_ids: jax.Array
   diagnostics: perturbed_lib.Diagnostics
+  passes: Optional[protocol.StepPasses] = None
 
   EXAMPLE_AXES = {"scores": 0, "visits": 0}
+  PASSES = protocol.OWN
 
 
 def upper_frequency(count, f_min, f_max, transition_steps) -> jax.Array:
@@ -324,8 +333,12 @@ def ausam(
       # Every device counts the dropped ids of all devices.
       new_state = new_state._replace(dropped_ids=state.dropped_ids + (
           jax.lax.psum(new_state.dropped_ids - state.dropped_ids, axis_name)))
+    record = protocol.StepPasses(
+        clean.losses.astype(jnp.float32),
+        jax.tree.map(lambda a: a[None], clean.aux),
+        None if k == size else sample.astype(jnp.int32))
     return wrapper.Step(result.grads, new_state.diagnostics,
-                        wrapper.memory_of(new_state))
+                        wrapper.memory_of(new_state), passes=record)
 
   return wrapper.sharpness_aware(
       step,

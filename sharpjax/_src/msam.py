@@ -9,7 +9,7 @@ gradient on each and averages them. Its step on
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import optax
 from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import perturbed as perturbed_lib
+from sharpjax._src import protocol
 from sharpjax._src import sharpness_aware as wrapper
 
 _CHUNK_LOOPS = ("unrolled", "vmap")
@@ -31,6 +32,31 @@ def _static_num_chunks(num_chunks) -> int:
         "optax.inject_hyperparams, pass static_args=('num_chunks',)."
     )
   return base.check_int("num_chunks", num_chunks, low=1)
+
+
+class MSAMState(NamedTuple):
+  """State of :func:`msam` with ``num_chunks > 1``.
+
+  Attributes:
+    count: number of updates taken (int32).
+    diagnostics: what the last step saw; read it with
+      :func:`sharpjax.diagnostics`.
+    passes: None between steps; after ``update(..., report_passes=True)``
+      the :class:`sharpjax.StepPasses` of the chunks' clean passes (taken
+      out by :func:`sharpjax.pop_step_passes`).
+
+  Class attributes (not fields), read by trainers instead of testing the type:
+
+  - ``PASSES = "own"``: mSAM runs its own passes (a clean and a perturbed
+    one per chunk); the loop runs none, and the chunks' clean passes give
+    the step's losses, logits and model state.
+  """
+
+  count: jax.Array
+  diagnostics: perturbed_lib.Diagnostics
+  passes: Optional[protocol.StepPasses] = None
+
+  PASSES = protocol.OWN
 
 
 def split_batch(batch: Any, num_chunks: int, *, name: str = "msam") -> Any:
@@ -171,25 +197,32 @@ def msam(
           applied_norm=eps_norm if applied is None
           else base.tree_norm_f32(applied),
           loss=result.loss, grads=result.grads,
-      )
+      ), (clean.losses.astype(jnp.float32), clean.aux)
 
     chunks = split_batch(inputs.batch, num_chunks, name=inputs.name)
     if chunk_loop == "vmap":
+      out, (losses, aux) = jax.vmap(one_chunk)(chunks)
       mean = jax.tree.map(
-          lambda x: jnp.mean(x.astype(jnp.float32), axis=0),
-          jax.vmap(one_chunk)(chunks),
-      )
+          lambda x: jnp.mean(x.astype(jnp.float32), axis=0), out)
     else:
-      mean = _mean([
+      outs, records = zip(*[
           one_chunk(jax.tree.map(lambda x, j=j: x[j], chunks))
           for j in range(num_chunks)
       ])
+      mean = _mean(list(outs))
+      losses = jnp.stack([r[0] for r in records])
+      aux = jax.tree.map(lambda *xs: jnp.stack(xs), *[r[1] for r in records])
     diagnostics = perturbed_lib.diagnostics_of(
         mean["clean_grads"], None, mean["grads"], mean["loss"],
         clean_loss=mean["clean_loss"],
         perturbation_norm=mean["eps_norm"],
         applied_perturbation_norm=mean["applied_norm"],
     )
-    return wrapper.Step(mean["grads"], diagnostics)
+    return wrapper.Step(
+        mean["grads"], diagnostics,
+        passes=protocol.StepPasses(losses.reshape(-1), aux))
 
-  return wrapper.sharpness_aware(step, name="msam", axis_name=axis_name)
+  return wrapper.sharpness_aware(
+      step, name="msam", axis_name=axis_name,
+      state_type=wrapper.SharpnessAwareState if num_chunks == 1
+      else MSAMState)

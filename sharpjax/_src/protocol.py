@@ -22,15 +22,38 @@ The declarations:
   accepts ``full_step=`` (a Python bool) to take that branch statically,
   without a device conditional (LookSAM's skipped second pass). A loop that
   knows the count on the host compiles one step per branch.
+- ``PASSES``: where the step's gradients are taken (:func:`passes`). Absent
+  (or ``"clean"``): at the current parameters, the loop's clean
+  forward-backward pass, whose gradient is ``update``'s first argument.
+  ``"points"``: at the points the state's method ``gradient_points(self,
+  params) -> tuple`` computes from the state and the parameters (one or
+  several, a static number), and nowhere else: the loop takes one gradient
+  per point (several as one ``vmap`` over the points), passes the first
+  point's gradient as ``update``'s first argument and all of them as
+  ``point_passes=`` (a tuple of :class:`~sharpjax._src.perturbed.PerturbedPass`,
+  one per point, in order: mean loss, gradient, per-example losses, aux);
+  the step's metrics and new model state come from the first point.
+  ``"own"``: nowhere; the method runs its own passes on its own examples.
+  The loop runs no pass, hands zeros as the gradient and ``report_passes=True``;
+  the state then carries a :class:`StepPasses` in its field ``passes`` (None
+  otherwise), which the loop takes out (:func:`pop_step_passes`) for the
+  step's per-example losses, metrics and new model state.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from sharpjax._src import trajectory_loss
+
+CLEAN = "clean"
+POINTS = "points"
+OWN = "own"
+_KINDS = (CLEAN, POINTS, OWN)
 
 
 def _declares(attribute: str) -> Callable[[Any], bool]:
@@ -146,3 +169,183 @@ def host_scheduled(opt_state: Any) -> list[Any]:
 
   walk(opt_state)
   return found
+
+
+class StepPasses(NamedTuple):
+  """What a method that runs its own passes (``PASSES = "own"``) reports.
+
+  The method's clean passes (at the step's parameters) give the step's
+  per-example losses, and the aux the loop's ``loss_fn`` returned with them
+  (the trainer's: new model state, logits, task losses, penalties).
+
+  Attributes:
+    losses: float32 ``[n]``, the per-example losses (``loss_fn``'s first
+      output) of the examples the passes covered.
+    aux: ``loss_fn``'s aux of each pass (None without ``has_aux``), stacked
+      along a new leading axis of one entry per pass: ``k`` passes over
+      ``n / k`` examples each (mSAM's chunks in order; ``k = 1`` for AUSAM's
+      one sample). A per-example entry of the aux is then ``[k, n / k,
+      ...]``, a model state ``[k, ...]`` (the loop averages it over passes).
+    examples: int32 ``[n]``, the rows of the batch the losses belong to, or
+      None when they are the whole batch in order.
+  """
+
+  losses: jax.Array
+  aux: Any
+  examples: Optional[jax.Array] = None
+
+
+def _walk(tree: Any, attribute: str, into_multisteps: bool) -> list[tuple]:
+  """``(state, inside_multisteps)`` for every state declaring ``attribute``."""
+  found = []
+  is_node = _declares(attribute)
+
+  def walk(x, inside):
+    if isinstance(x, optax.MultiStepsState):
+      if into_multisteps:
+        for y in x:
+          walk(y, True)
+      return
+    if is_node(x):
+      found.append((x, inside))
+      return
+    if isinstance(x, (tuple, list)):
+      for y in x:
+        walk(y, inside)
+    elif isinstance(x, dict):
+      for y in x.values():
+        walk(y, inside)
+
+  walk(tree, False)
+  return found
+
+
+def _passes_state(opt_state: Any) -> tuple[Any, str]:
+  """The one state that declares ``PASSES`` (or None) and the kind it asks."""
+  found = [(s, inside) for s, inside in _walk(opt_state, "PASSES", True)
+           if type(s).PASSES != CLEAN]
+  if not found:
+    return None, CLEAN
+  if len(found) > 1:
+    raise ValueError(
+        "sharpjax: the optimizer state holds several states that choose where "
+        f"the step's gradients are taken ({', '.join(type(s).__name__ for s, _ in found)}); "
+        "a chain takes at most one such method.")
+  state, inside_multisteps = found[0]
+  kind = type(state).PASSES
+  if kind not in _KINDS:
+    raise ValueError(f"{type(state).__name__}.PASSES must be one of {_KINDS}, "
+                     f"got {kind!r}.")
+  if kind == OWN and (inside_multisteps or _has_trajectory_state(opt_state)):
+    # Inside MultiSteps the loop's gradient is accumulated, and SAF/MESA read
+    # the clean pass's logits: the method then runs as with any caller that
+    # passes a clean gradient (its own passes still run, the loop's too).
+    return state, CLEAN
+  return state, kind
+
+
+def _has_trajectory_state(opt_state: Any) -> bool:
+  """Whether the chain holds SAF or MESA (they read the clean pass's logits)."""
+  types = tuple(trajectory_loss.STATE_TYPES)
+  is_match = lambda x: bool(types) and isinstance(x, types)
+  return any(is_match(x)
+             for x in jax.tree.leaves(opt_state, is_leaf=is_match))
+
+
+def passes(opt_state: Any) -> str:
+  """Where a step's gradients are taken: ``"clean"``, ``"points"`` or ``"own"``.
+
+  ``"clean"``: one forward-backward pass at the current parameters, its
+  gradient passed to ``update`` (every plain optax optimizer, and most
+  sharpjax methods, which run their extra passes inside ``update``).
+  ``"points"``: one gradient at each of :func:`gradient_points`, and none at
+  the current parameters. ``"own"``: no pass at all outside ``update``: the
+  method runs its own passes on its own examples (AUSAM, mSAM); call
+  ``update`` with zeros as the gradient and ``report_passes=True``, then
+  :func:`pop_step_passes` gives the step's per-example losses and aux.
+
+  An ``"own"`` method asks for the clean pass after all when it sits inside
+  ``optax.MultiSteps`` (which accumulates the loop's gradient) or shares the
+  chain with SAF or MESA (which read the clean pass's logits).
+
+  Example:
+    >>> import optax, jax.numpy as jnp, sharpjax as sj
+    >>> params = {"w": jnp.zeros(2)}
+    >>> sj.passes(optax.chain(sj.sam(), optax.sgd(0.1)).init(params))
+    'clean'
+    >>> sj.passes(optax.chain(sj.msam(num_chunks=4),
+    ...                       optax.sgd(0.1)).init(params))
+    'own'
+  """
+  return _passes_state(opt_state)[1]
+
+
+def gradient_points(opt_state: Any, params: Any) -> tuple:
+  """The parameters at which a step's gradients are to be taken.
+
+  ``(params,)`` for a chain that takes the clean gradient, the method's
+  points for one that declares ``PASSES = "points"`` (the first is the one
+  whose gradient is ``update``'s first argument and whose losses are the
+  step's), and ``()`` when the method runs its own passes (:func:`passes`).
+  For a user's own loop, as ``optax.contrib.schedule_free_eval_params``
+  gives schedule-free's evaluation point.
+
+  Example:
+    >>> import optax, jax.numpy as jnp, sharpjax as sj
+    >>> params = {"w": jnp.ones(2)}
+    >>> opt_state = optax.chain(sj.sam(), optax.sgd(0.1)).init(params)
+    >>> sj.gradient_points(opt_state, params)
+    ({'w': Array([1., 1.], dtype=float32)},)
+  """
+  state, kind = _passes_state(opt_state)
+  if kind == CLEAN:
+    return (params,)
+  if kind == OWN:
+    return ()
+  points = tuple(state.gradient_points(params))
+  if not points:
+    raise ValueError(f"{type(state).__name__}.gradient_points returned no "
+                     "point.")
+  inside = any(inside for s, inside in _walk(opt_state, "PASSES", True)
+               if s is state)
+  if inside and len(points) > 1:
+    raise ValueError(
+        f"sharpjax: {type(state).__name__} takes gradients at {len(points)} "
+        "points, which optax.MultiSteps cannot accumulate (it accumulates "
+        "one gradient). Accumulate over a larger batch instead (a mesh or "
+        "make_trainer with a bigger batch), without MultiSteps.")
+  return points
+
+
+def pop_step_passes(opt_state: Any) -> tuple[Optional[StepPasses], Any]:
+  """``(record, opt_state)``: the :class:`StepPasses` an ``"own"`` method left.
+
+  After ``update(..., report_passes=True)`` the method's state carries the
+  step's per-example losses and aux in its ``passes`` field; this takes them
+  out, so the state keeps the structure of ``tx.init``'s (None otherwise).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sharpjax as sj
+    >>> tx = optax.chain(sj.msam(rho=0.1, num_chunks=2), optax.sgd(0.1))
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> batch = {"x": jnp.eye(2)}
+    >>> loss_fn = lambda p, b: 0.5 * (b["x"] @ p["w"]) ** 2
+    >>> zeros = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, state = tx.update(zeros, tx.init(params), params,
+    ...                            loss_fn=loss_fn, batch=batch,
+    ...                            report_passes=True)
+    >>> record, state = sj.pop_step_passes(state)
+    >>> record.losses  # the clean per-example losses of the two chunks
+    Array([0.5, 2. ], dtype=float32)
+  """
+  is_node = _declares("PASSES")
+  records = []
+
+  def take(x):
+    if is_node(x) and "passes" in x._fields and x.passes is not None:
+      records.append(x.passes)
+      return x._replace(passes=None)
+    return x
+
+  opt_state = jax.tree.map(take, opt_state, is_leaf=is_node)
+  return (records[0] if records else None), opt_state

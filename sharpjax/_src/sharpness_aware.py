@@ -32,6 +32,8 @@ from sharpjax._src import base
 from sharpjax._src import perturbed as perturbed_lib
 
 _RESERVED_FIELDS = ("count", "diagnostics")
+# A state that runs its own passes (``PASSES = "own"``) has this field too.
+_PASSES_FIELD = "passes"
 
 
 class SharpnessAwareState(NamedTuple):
@@ -58,11 +60,17 @@ class Step(NamedTuple):
     diagnostics: the :class:`sharpjax.Diagnostics` record of the step.
     memory: the new values of the state's extra fields (a dict keyed by field
       name), or None to keep them.
+    passes: for a method that runs its own passes (its state declares
+      ``PASSES = "own"``), the :class:`sharpjax.StepPasses` of the step: the
+      per-example losses and aux of its passes at the clean parameters,
+      stored in the state when ``update`` is called with
+      ``report_passes=True``.
   """
 
   direction: Any
   diagnostics: perturbed_lib.Diagnostics
   memory: Optional[dict] = None
+  passes: Optional[Any] = None
 
 
 class StepInputs(NamedTuple):
@@ -131,7 +139,7 @@ StepFn = Callable[[StepInputs], Step]
 def memory_of(state: Any) -> dict:
   """The extra fields of a state (all but ``count`` and ``diagnostics``)."""
   return {f: getattr(state, f) for f in state._fields
-          if f not in _RESERVED_FIELDS}
+          if f not in _RESERVED_FIELDS + (_PASSES_FIELD,)}
 
 
 def _bound_axis_names() -> tuple:
@@ -255,8 +263,10 @@ def sharpness_aware(
     0.014142...
   """
   memory_fields = tuple(
-      f for f in state_type._fields if f not in _RESERVED_FIELDS
+      f for f in state_type._fields
+      if f not in _RESERVED_FIELDS + (_PASSES_FIELD,)
   )
+  reports_passes = _PASSES_FIELD in state_type._fields
   if not set(_RESERVED_FIELDS) <= set(state_type._fields):
     raise ValueError(
         f"state_type must have the fields {_RESERVED_FIELDS}, got "
@@ -280,6 +290,8 @@ def sharpness_aware(
           f"init_memory returned the fields {sorted(memory)}, but state_type "
           f"{state_type.__name__} has {sorted(memory_fields)}."
       )
+    if reports_passes:
+      memory[_PASSES_FIELD] = None
     return state_type(
         count=jnp.zeros([], jnp.int32),
         diagnostics=perturbed_lib.init_diagnostics(),
@@ -296,6 +308,7 @@ def sharpness_aware(
       has_aux: bool = False,
       value=None,
       data_axis_name=None,
+      report_passes: bool = False,
       **extra_args,
   ):
     perturbed_lib.require_extra_args(name, params, loss_fn, batch)
@@ -318,6 +331,13 @@ def sharpness_aware(
             f"{sorted(step.memory)}, expected {sorted(memory_fields)}."
         )
       memory = keep_dtypes(step.memory, memory)
+    if reports_passes:
+      if report_passes and step.passes is None:
+        raise ValueError(
+            f"sharpjax.{name}: update(report_passes=True), but the step "
+            "returned no record of its passes (Step.passes).")
+      memory = dict(memory, **{
+          _PASSES_FIELD: step.passes if report_passes else None})
     new_state = state_type(
         count=optax.safe_increment(state.count),
         diagnostics=diagnostics,

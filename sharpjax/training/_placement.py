@@ -78,7 +78,7 @@ class DataMesh(OneDevice):
   """
 
   def __init__(self, mesh: jax.sharding.Mesh, data_axis: str,
-               shard_tables: bool):
+               shard_tables: bool, point_axis: Optional[str] = None):
     if data_axis not in mesh.axis_names:
       raise ValueError(
           f"make_trainer: data_axis {data_axis!r} is not an axis of the mesh "
@@ -95,6 +95,11 @@ class DataMesh(OneDevice):
     self.process_count = jax.process_count()
     self.replicated = jax.sharding.NamedSharding(self.mesh, P())
     self.data_sharding = jax.sharding.NamedSharding(self.mesh, P(data_axis))
+    # A method's several gradient points, stacked, spread over this axis.
+    self.point_sharding = (
+        jax.sharding.NamedSharding(self.mesh, P(point_axis))
+        if point_axis is not None and point_axis in self.mesh.axis_names
+        and point_axis != data_axis else None)
 
   def state_shardings(self, state: Any) -> Any:
     """Replicated, except per-example fields by example with ``shard_tables``."""
@@ -131,6 +136,7 @@ class DataMesh(OneDevice):
     return wrapped
 
   def compile(self, spec, donate):
+    spec.point_sharding = self.point_sharding
     step = jax.jit(
         self._constrained(functools.partial(_step.train_step, spec)),
         in_shardings=(None, self.data_sharding),
@@ -169,6 +175,7 @@ class PerDeviceMesh(DataMesh):
 
   def __init__(self, mesh, data_axis):
     super().__init__(mesh, data_axis, shard_tables=False)
+    self.point_sharding = None
     self.axis_name = data_axis
 
   def compile(self, spec, donate):

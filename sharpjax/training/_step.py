@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from sharpjax._src import diagnostics as diagnostics_lib
+from sharpjax._src import perturbed as perturbed_lib
 from sharpjax._src import protocol
 from sharpjax._src import trajectory
 
@@ -85,6 +86,9 @@ class StepSpec:
     num_classes: labels must lie in ``[0, num_classes)``; None: no check.
       Filled in by the trainer's ``init`` when inferred from the logits; read
       when the step is traced.
+    point_sharding: the sharding of a method's several gradient points
+      stacked along a leading axis (a mesh axis of as many devices groups as
+      points: each group computes one gradient); None: no constraint.
   """
 
   adapter: Any
@@ -93,6 +97,7 @@ class StepSpec:
   axis_name: Optional[str] = None
   average_grads: bool = True
   num_classes: Optional[int] = None
+  point_sharding: Optional[Any] = None
 
 
 def init_state(spec: StepSpec, rng: jax.Array, x: jax.Array) -> TrainState:
@@ -194,33 +199,62 @@ def train_step(spec: StepSpec, state: TrainState, batch: Batch,
     losses, aux = loss_fn(params, batch)
     return jnp.mean(losses), aux
 
-  (value, (model_state, logits, task, penalty)), grads = jax.value_and_grad(
-      mean_loss, has_aux=True)(state.params)
-  ids = batch.get("ids")
+  kind = protocol.passes(state.opt_state)
   extra = dict(loss_fn=loss_fn, batch=batch, has_aux=True)
-  if axis is not None:
-    value = jax.lax.pmean(value, axis)
-    if spec.average_grads:
-      grads = jax.lax.pmean(grads, axis)
-    model_state = _pmean_inexact(model_state, axis)
-    # Per-example tables are replicated: every device writes every row.
-    logits_all = jax.lax.all_gather(logits, axis, tiled=True)
-    ids = None if ids is None else jax.lax.all_gather(ids, axis, tiled=True)
-    extra["data_axis_name"] = axis
+  ids = batch.get("ids")
+  labels = batch["y"]
+  if kind == protocol.OWN:
+    # The method runs its own passes inside update: no pass here.
+    grads = jax.tree.map(jnp.zeros_like, state.params)
+    value = None
+    extra["report_passes"] = True
   else:
-    logits_all = logits
-  extra.update(value=value, logits=logits_all)
+    points = protocol.gradient_points(state.opt_state, state.params)
+    (value, (model_state, logits, task, penalty)), grads, point_passes = (
+        _gradients_at(spec, points, mean_loss))
+    if kind == protocol.POINTS:
+      extra["point_passes"] = point_passes
+  if axis is not None:
+    if value is not None:
+      value = jax.lax.pmean(value, axis)
+    if spec.average_grads and "point_passes" in extra:
+      extra["point_passes"] = tuple(
+          p._replace(grads=jax.lax.pmean(p.grads, axis),
+                     loss=jax.lax.pmean(p.loss, axis))
+          for p in extra["point_passes"])
+      grads = extra["point_passes"][0].grads
+    elif spec.average_grads:
+      grads = jax.lax.pmean(grads, axis)
+    extra["data_axis_name"] = axis
+  if kind != protocol.OWN:
+    if axis is not None:
+      model_state = _pmean_inexact(model_state, axis)
+      # Per-example tables are replicated: every device writes every row.
+      logits_all = jax.lax.all_gather(logits, axis, tiled=True)
+      ids = None if ids is None else jax.lax.all_gather(ids, axis, tiled=True)
+    else:
+      logits_all = logits
+    extra.update(value=value, logits=logits_all)
+    tracked = protocol.float_collections(model_state)
+    if tracked and protocol.tracks_model_state(state.opt_state):
+      extra["model_state"] = tracked
+  elif axis is not None and ids is not None:
+    ids = jax.lax.all_gather(ids, axis, tiled=True)
   if ids is not None:
     extra["ids"] = ids
-  tracked = protocol.float_collections(model_state)
-  if tracked and protocol.tracks_model_state(state.opt_state):
-    extra["model_state"] = tracked
   if full_step is not None:
     extra["full_step"] = full_step
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params,
                                       **extra)
+  if kind == protocol.OWN:
+    record, opt_state = protocol.pop_step_passes(opt_state)
+    model_state, logits, task, penalty = _merge_passes(record.aux)
+    if record.examples is not None:
+      labels = jnp.take(labels, record.examples, axis=0)
+    if axis is not None:
+      model_state = _pmean_inexact(model_state, axis)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": jnp.mean(task), "accuracy": accuracy(logits, batch["y"])}
+  metrics = {"loss": jnp.mean(task), "accuracy": accuracy(logits, labels)}
   if has_penalty:
     metrics["penalty"] = jnp.mean(penalty)
   for name, value in _diagnostics(opt_state).items():
@@ -230,6 +264,53 @@ def train_step(spec: StepSpec, state: TrainState, batch: Batch,
   new_state = TrainState(state.step + 1, params, model_state, opt_state,
                          state.rng)
   return new_state, metrics, label_range(spec, batch["y"])
+
+
+def _merge_passes(aux):
+  """The aux of a method's own passes (stacked, one entry per pass) as one.
+
+  The per-example entries (logits, task losses, penalties) are concatenated
+  in the passes' order; the model state is averaged over the passes (for
+  BatchNorm the mean of each pass's running-average update), a non-float
+  collection taken from the first pass.
+  """
+  model_state, logits, task, penalty = aux
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  model_state = jax.tree.map(
+      lambda v: (jnp.mean(v, axis=0).astype(v.dtype)
+                 if jnp.issubdtype(v.dtype, jnp.inexact) else v[0]),
+      model_state)
+  return model_state, flat(logits), flat(task), flat(penalty)
+
+
+def _gradients_at(spec: StepSpec, points: tuple, mean_loss):
+  """The gradients at ``points``: ``(value_and_aux, grads, point_passes)``.
+
+  ``value_and_aux`` and ``grads`` are the first point's; ``point_passes``
+  holds a :class:`~sharpjax._src.perturbed.PerturbedPass` per point. One
+  point is one forward-backward pass; several are one ``vmap`` over the
+  stacked points (``spec.point_sharding`` spreads them over a mesh axis).
+  """
+  if len(points) == 1:
+    (value, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+        points[0])
+    losses = aux[2] + aux[3]
+    return (value, aux), grads, (perturbed_lib.PerturbedPass(
+        value, grads, losses, aux),)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
+  if spec.point_sharding is not None:
+    stacked = jax.lax.with_sharding_constraint(
+        stacked, jax.tree.map(lambda _: spec.point_sharding, stacked))
+  (values, auxes), grads = jax.vmap(
+      jax.value_and_grad(mean_loss, has_aux=True))(stacked)
+  passes = tuple(
+      perturbed_lib.PerturbedPass(
+          values[i], jax.tree.map(lambda g, i=i: g[i], grads),
+          auxes[2][i] + auxes[3][i],
+          jax.tree.map(lambda a, i=i: a[i], auxes))
+      for i in range(len(points)))
+  first = passes[0]
+  return (first.loss, first.aux), first.grads, passes
 
 
 def eval_step(spec: StepSpec, state: TrainState, batch: Batch):

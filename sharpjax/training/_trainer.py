@@ -176,6 +176,7 @@ def make_trainer(
     *,
     mesh: Optional[jax.sharding.Mesh] = None,
     data_axis: str = "data",
+    point_axis: str = "pair",
     axis_name: Optional[str] = None,
     devices: Optional[Sequence[jax.Device]] = None,
     per_device_perturbation: bool = False,
@@ -220,6 +221,12 @@ def make_trainer(
       :func:`softmax_cross_entropy` (integer labels, float32).
     mesh: a ``jax.sharding.Mesh`` for data parallelism with ``jit``.
     data_axis: the mesh axis the batch is sharded over.
+    point_axis: with ``mesh`` (under ``jit``), when the mesh has an axis of
+      this name, a method that takes its gradients at several points
+      (:func:`sharpjax.gradient_points`) spreads them over it: each group of
+      devices along it computes one point's gradient, on the batch sharded
+      over ``data_axis`` (SAMPa's two gradients on a ``{"pair": 2, "data":
+      n}`` mesh). The batch is not sharded over this axis.
     axis_name: run under ``jax.pmap`` with this axis name.
     devices: devices for ``pmap`` (default ``jax.local_devices()``).
     per_device_perturbation: with ``mesh`` or ``axis_name``, do not average
@@ -272,7 +279,8 @@ def make_trainer(
                   DeprecationWarning, stacklevel=2)
     shard_example_tables = shard_example_tables or shard_saf_bank
   placement = _placement_for(mesh, data_axis, axis_name, devices,
-                             per_device_perturbation, shard_example_tables)
+                             per_device_perturbation, shard_example_tables,
+                             point_axis)
   spec = _step.StepSpec(
       adapter=_adapters.adapter(model, train_kwarg, rng_names), tx=tx,
       loss=_step.softmax_cross_entropy if loss is None else loss,
@@ -284,7 +292,8 @@ def make_trainer(
 
 
 def _placement_for(mesh, data_axis, axis_name, devices,
-                   per_device_perturbation, shard_example_tables):
+                   per_device_perturbation, shard_example_tables,
+                   point_axis=None):
   """The placement object for make_trainer's parallelism arguments."""
   if mesh is not None and axis_name is not None:
     raise ValueError("make_trainer: pass either mesh= (jit) or axis_name= "
@@ -295,7 +304,8 @@ def _placement_for(mesh, data_axis, axis_name, devices,
   if mesh is not None:
     if per_device_perturbation:
       return _placement.PerDeviceMesh(mesh, data_axis)
-    return _placement.DataMesh(mesh, data_axis, shard_example_tables)
+    return _placement.DataMesh(mesh, data_axis, shard_example_tables,
+                               point_axis)
   if axis_name is not None:
     return _placement.Pmap(axis_name, devices)
   if per_device_perturbation:
