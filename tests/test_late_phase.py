@@ -59,8 +59,13 @@ class LatePhaseTest(parameterized.TestCase):
     got, _ = Q.run(helpers.with_sgd(sj.late_phase(sj.sam(rho=0.3), 0)), 3)
     want, _ = Q.run(helpers.with_sgd(sj.sam(rho=0.3)), 3)
     np.testing.assert_allclose(Q.flat(got), Q.flat(want), rtol=1e-6)
-    self.assertAlmostEqual(sj.LatePhaseState.full_step_fraction(175, 200),
-                           0.125)
+    from sharpjax._src import protocol  # pylint: disable=g-import-not-at-top
+    state = sj.late_sam(start=0.875, total_steps=200).init(Q.params())
+    self.assertAlmostEqual(protocol.full_step_share(state), 0.125)
+    self.assertTrue(protocol.full_step_at(state, 175, 175))
+    self.assertFalse(protocol.full_step_at(state, 174, 175))
+    with self.assertRaisesRegex(ValueError, "total_steps="):
+      protocol.full_step_share(sj.late_sam(start=3).init(Q.params()))
 
   def test_refuses_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "pass total_steps="):
@@ -73,6 +78,8 @@ class LatePhaseTest(parameterized.TestCase):
       sj.late_sam(start="0.5")
     with self.assertRaisesRegex(TypeError, "tx must be an optax"):
       sj.late_phase("sam", 3)
+    with self.assertRaisesRegex(ValueError, "at its own points"):
+      sj.late_phase(sj.momentum_sam(), 3).init(Q.params())
     tx = sj.late_sam(start=2)
     params = Q.params()
     g = jax.grad(lambda p: Q.loss(p, Q.batch).mean())(params)

@@ -20,6 +20,11 @@ from tests import helpers
 Q = helpers.QUADRATIC_4
 
 
+def taken(g):
+  """A gradient as the pass record update's point_passes= holds."""
+  return sj.PerturbedPass(None, g, None, None)
+
+
 def official_sgd_msam(grad_fn, w0, *, lr, momentum, weight_decay, rho, steps):
   """msam.py's step: returns (weights moved back, stored perturbed weights)."""
   p = np.array(w0, np.float64)
@@ -68,9 +73,9 @@ def run_at_points(tx, steps, loss_fn=Q.loss):
 
   @jax.jit
   def step(params, state):
-    (point,) = state[0].points(params)
+    (point,) = sj.gradient_points(state, params)
     g = jax.grad(lambda p: loss_fn(p, batch).mean())(point)
-    updates, state = tx.update(g, state, params, point_grads=(g,))
+    updates, state = tx.update(g, state, params, point_passes=(taken(g),))
     return optax.apply_updates(params, updates), state, point
 
   state = tx.init(params)
@@ -96,7 +101,7 @@ class MomentumSAMTest(parameterized.TestCase):
     _, stored = official_sgd_msam(
         lambda w: Q.grad(w), Q.w0, lr=lr, momentum=mu,
         weight_decay=weight_decay, rho=rho, steps=steps)
-    (point,) = state[0].points(got)
+    (point,) = sj.gradient_points(state, got)
     np.testing.assert_allclose(Q.flat(point), stored, rtol=1e-5, atol=1e-6)
 
   def test_own_passes_equal_the_given_gradients(self):
@@ -129,16 +134,16 @@ class MomentumSAMTest(parameterized.TestCase):
     tx = sj.momentum_sam(rho=0.3)
     params = Q.params()
     state = tx.init(params)
-    (point,) = state.points(params)
+    (point,) = sj.gradient_points(state, params)
     np.testing.assert_array_equal(Q.flat(point), Q.flat(params))
     g = jax.grad(lambda p: Q.loss(p, Q.batch).mean())(params)
-    _, state = tx.update(g, state, params, point_grads=(g,))
-    (point,) = state.points(params)
+    _, state = tx.update(g, state, params, point_passes=(taken(g),))
+    (point,) = sj.gradient_points(state, params)
     # v_1 = g_0: the point is w - 0.3 g_0 / |g_0|.
     np.testing.assert_allclose(
         Q.flat(point), Q.flat(params) - 0.3 * helpers.unit(Q.grad(Q.w0)),
         rtol=1e-6)
-    _, state = tx.update(g, state, params, point_grads=(g,))
+    _, state = tx.update(g, state, params, point_passes=(taken(g),))
     self.assertAlmostEqual(
         float(sj.diagnostics(state)["perturbation_norm"]), 0.3, places=6)
 
@@ -148,25 +153,27 @@ class MomentumSAMTest(parameterized.TestCase):
     g = jax.grad(lambda p: Q.loss(p, Q.batch).mean())(params)
     state = tx.init(params)
     for _ in range(2):
-      _, state = tx.update(g, state, params, point_grads=(g,))
+      _, state = tx.update(g, state, params, point_passes=(taken(g),))
     state = optax.tree.set(state, rho=jnp.asarray(0.0))
-    _, state = tx.update(g, state, params, point_grads=(g,))
+    _, state = tx.update(g, state, params, point_passes=(taken(g),))
     # This step's point was set with 0.3; the next one with 0.
     self.assertAlmostEqual(
         float(sj.diagnostics(state)["perturbation_norm"]), 0.3, places=6)
-    (point,) = state.inner_state.points(params)
+    (point,) = sj.gradient_points(state, params)
     np.testing.assert_array_equal(Q.flat(point), Q.flat(params))
 
   def test_refuses_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "rho"):
       sj.momentum_sam(rho=-0.1)
-    with self.assertRaisesRegex(ValueError, r"momentum must be in \[0.0, 1.0\)"):
+    with self.assertRaisesRegex(ValueError,
+                                r"momentum must be in \[0.0, 1.0\)"):
       sj.momentum_sam(momentum=1.0)
     tx = sj.momentum_sam()
     params = Q.params()
     g = jax.grad(lambda p: Q.loss(p, Q.batch).mean())(params)
-    with self.assertRaisesRegex(ValueError, "point_grads must be a tuple of 1"):
-      tx.update(g, tx.init(params), params, point_grads=(g, g))
+    with self.assertRaisesRegex(ValueError,
+                                "point_passes must be a tuple of 1"):
+      tx.update(g, tx.init(params), params, point_passes=(taken(g), taken(g)))
     with self.assertRaisesRegex(TypeError, "loss_fn"):
       tx.update(g, tx.init(params), params)
 

@@ -15,6 +15,11 @@ from tests import helpers
 Q = helpers.QUADRATIC_4
 
 
+def taken(g):
+  """A gradient as the pass record update's point_passes= holds."""
+  return sj.PerturbedPass(None, g, None, None)
+
+
 def paper_rule(lr_fn, rho, lam, steps):
   """x~ = x + rho g_y/|g_y|, y' = x - lr g_y, x' = x - lr((1-lam) g(x~) +
   lam g(y')), with g_y = g(y) from the previous step (0 at first)."""
@@ -58,9 +63,10 @@ def run_at_points(tx, steps):
 
   @jax.jit
   def step(params, state):
-    x_tilde, y = state[0].points(params)
+    x_tilde, y = sj.gradient_points(state, params)
     grads = (grad(x_tilde), grad(y))
-    updates, state = tx.update(grads[0], state, params, point_grads=grads)
+    updates, state = tx.update(grads[0], state, params,
+                               point_passes=tuple(map(taken, grads)))
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
@@ -81,7 +87,7 @@ class SAMPaTest(parameterized.TestCase):
                      optax.sgd(lr))
     got, _ = run_at_points(tx, steps)
     np.testing.assert_allclose(Q.flat(got), want, rtol=1e-5, atol=1e-6)
-    # Without point_grads the update takes both passes itself (batched).
+    # Without point_passes the update takes both passes itself (batched).
     got, _ = Q.run(tx, steps)
     np.testing.assert_allclose(Q.flat(got), want, rtol=1e-5, atol=1e-6)
 
@@ -115,12 +121,13 @@ class SAMPaTest(parameterized.TestCase):
     g = jax.grad(lambda p: Q.loss(p, Q.batch).mean())(params)
     state = tx.init(params)
     for _ in range(2):
-      _, state = tx.update(g, state, params, point_grads=(g, g))
+      _, state = tx.update(g, state, params,
+                           point_passes=(taken(g), taken(g)))
     state = optax.tree.set(state, rho=jnp.asarray(0.0))
-    _, state = tx.update(g, state, params, point_grads=(g, g))
+    _, state = tx.update(g, state, params, point_passes=(taken(g), taken(g)))
     self.assertAlmostEqual(
         float(sj.diagnostics(state)["perturbation_norm"]), 0.1, places=6)
-    x_tilde, _ = state.inner_state.points(params)
+    x_tilde, _ = sj.gradient_points(state, params)
     np.testing.assert_array_equal(Q.flat(x_tilde), Q.flat(params))
 
   def test_refuses_bad_arguments(self):
@@ -136,10 +143,11 @@ class SAMPaTest(parameterized.TestCase):
                                                   momentum=0.9)
     with self.assertRaisesRegex(ValueError, "static_args=\\('momentum',\\)"):
       helpers.jit_update(injected, g, injected.init(params), params,
-                         point_grads=(g, g))
+                         point_passes=(taken(g), taken(g)))
     tx = sj.sampa(learning_rate=0.1)
-    with self.assertRaisesRegex(ValueError, "point_grads must be a tuple of 2"):
-      tx.update(g, tx.init(params), params, point_grads=(g,))
+    with self.assertRaisesRegex(ValueError,
+                                "point_passes must be a tuple of 2"):
+      tx.update(g, tx.init(params), params, point_passes=(taken(g),))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from sharpjax._src import base
+from sharpjax._src import protocol
 from sharpjax._src import sam as sam_lib
 
 
@@ -33,6 +34,8 @@ class LatePhaseState(NamedTuple):
     inner: the wrapped transformation's state. It is untouched before the
       switch, so its own count (and a schedule evaluated at it) starts at
       the switch.
+    total_steps: int32 scalar, the run's number of updates when it was
+      given (0 otherwise), for the average cost of a step over the run.
 
   The class attribute ``HOST_SCHEDULED = True`` is the contract a trainer
   reads (see :mod:`sharpjax._src.protocol`); :meth:`full_step_at` gives
@@ -43,6 +46,7 @@ class LatePhaseState(NamedTuple):
   count: jax.Array
   period: jax.Array
   inner: Any
+  total_steps: jax.Array
 
   HOST_SCHEDULED = True
 
@@ -52,10 +56,13 @@ class LatePhaseState(NamedTuple):
     return count >= period
 
   @staticmethod
-  def full_step_fraction(period: int, total_steps: int) -> float:
-    """The share of ``total_steps`` updates that run the wrapped one."""
-    if total_steps <= 0:
-      return 0.0
+  def full_step_share(period: int, total_steps: Optional[int]) -> float:
+    """The share of the run's ``total_steps`` updates that run the wrapped one."""
+    if not total_steps:
+      raise ValueError(
+          "late_phase: the share of late-phase steps needs the run's length: "
+          "build it with total_steps= (or pass total_steps to the cost "
+          "report).")
     return min(max(total_steps - period, 0), total_steps) / total_steps
 
 
@@ -89,7 +96,7 @@ def late_phase(
     *,
     total_steps: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""A SAM-family transformation from step ``start`` on, the plain gradient before.
+  r"""The plain gradient before step ``start``, a SAM-family method after.
 
   .. math::
     d_t = \begin{cases} g_t & t < t_s \\
@@ -113,8 +120,8 @@ def late_phase(
   wrapped method's after. With SAM and ``start = 0.875`` of the run that is
   :math:`0.875 + 2 \times 0.125 = 1.125` times SGD's passes over the run
   (the paper's WideResNet-16-8 example: SGD to epoch 175, SAM to 200).
-  ``Trainer.step_cost`` averages the two programs over the run when the
-  state knows ``total_steps``.
+  A cost report averages the two programs over the run
+  (:meth:`LatePhaseState.full_step_share`), which needs ``total_steps``.
 
   Args:
     tx: the transformation of the late phase, one that goes first in a chain
@@ -161,10 +168,18 @@ def late_phase(
   inner_tx = optax.with_extra_args_support(tx)
 
   def init_fn(params):
+    inner = inner_tx.init(params)
+    if protocol.passes(inner) != protocol.CLEAN:
+      raise ValueError(
+          "late_phase wraps a method that takes the clean gradient (SAM, "
+          "ASAM, GSAM, ...); the wrapped one takes its gradients "
+          f"{'at its own points' if protocol.passes(inner) == protocol.POINTS else 'in its own passes'}"
+          ", so its early phase would not be SGD.")
     return LatePhaseState(
         count=jnp.zeros([], jnp.int32),
         period=jnp.asarray(step_count, jnp.int32),
-        inner=inner_tx.init(params),
+        inner=inner,
+        total_steps=jnp.asarray(total_steps or 0, jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, full_step=None, **extra):
@@ -183,9 +198,8 @@ def late_phase(
     else:
       new_updates, inner = jax.lax.cond(state.count >= state.period, late,
                                         early)
-    return new_updates, LatePhaseState(
-        count=optax.safe_increment(state.count), period=state.period,
-        inner=inner)
+    return new_updates, state._replace(
+        count=optax.safe_increment(state.count), inner=inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

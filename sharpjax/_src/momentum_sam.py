@@ -4,7 +4,8 @@ SAM spends a forward-backward pass on finding its ascent direction. MSAM uses
 the (negated, normalised) momentum buffer instead, which is already known
 before the step: the only gradient of a step is taken at the point
 :math:`w - \rho\, v / \|v\|`, and the state says where that point is
-(:meth:`MomentumSAMState.points`), so a training loop takes one pass.
+(:meth:`MomentumSAMState.gradient_points`), so a training loop takes one
+pass.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class MomentumSAMState(NamedTuple):
       so that the next point is known from the state alone.
     diagnostics: what the last step saw.
 
-  ``NUM_POINTS = 1``: a step takes its one gradient at ``points(params)[0]``
-  (:meth:`points`), never at ``params``.
+  ``PASSES = "points"`` (the protocol of :func:`sharpjax.passes`): a step
+  takes its one gradient at ``gradient_points(params)[0]``, never at
+  ``params``.
   """
 
   count: jax.Array
@@ -45,13 +47,13 @@ class MomentumSAMState(NamedTuple):
   scale: jax.Array
   diagnostics: perturbed_lib.Diagnostics
 
-  NUM_POINTS = 1
+  PASSES = "points"
 
   def perturbation(self) -> Any:
     r""":math:`-\rho\, v / (\|v\| + 10^{-12})`, float32, shaped like ``v``."""
     return jax.tree.map(lambda v: -self.scale * v, self.momentum)
 
-  def points(self, params: Any) -> tuple:
+  def gradient_points(self, params: Any) -> tuple:
     r"""``(w - rho v / ||v||,)``: where the next step's gradient is taken.
 
     In each parameter's dtype (the sum is formed in float32). Before the
@@ -84,12 +86,13 @@ def momentum_sam(
   :math:`w_t`.
 
   Taking the passes. The point of a step is known before it starts:
-  ``state.points(params)`` (:meth:`MomentumSAMState.points`) gives it. A loop
-  computes the gradient there and passes it as ``point_grads=(g,)``
-  (optionally ``point_losses=(loss,)`` for the diagnostics); the gradient
-  passed as ``grads`` then only sets the structure and dtypes.
+  :func:`sharpjax.gradient_points` (``opt_state, params``) gives it. A loop
+  computes the gradient there and passes it as ``point_passes=``, a tuple of
+  one :class:`sharpjax.PerturbedPass` (its ``loss`` is recorded in the
+  diagnostics; ``losses`` and ``aux`` are not read); the gradient passed as
+  ``grads`` then only sets the structure and dtypes.
   :func:`sharpjax.training.make_trainer` does so itself and takes no pass at
-  the current parameters. Without ``point_grads``, ``update`` takes the pass
+  the current parameters. Without ``point_passes``, ``update`` takes the pass
   itself from ``loss_fn`` and ``batch`` (a SAM-like call; the gradient passed
   in is then used for the diagnostics' clean norm and cosine only).
 
@@ -135,9 +138,9 @@ def momentum_sam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain. Its
-    ``update(grads, state, params, *, point_grads=None, point_losses=None,
-    loss_fn=None, batch=None, has_aux=False, value=None,
-    data_axis_name=None)`` needs ``point_grads`` or ``loss_fn`` and
+    ``update(grads, state, params, *, point_passes=None, loss_fn=None,
+    batch=None, has_aux=False, value=None, data_axis_name=None)`` needs
+    ``point_passes`` or ``loss_fn`` and
     ``batch`` (see above); its state is a :class:`MomentumSAMState`.
 
   Example:
@@ -150,9 +153,10 @@ def momentum_sam(
     >>> mean_loss = lambda p: loss_fn(p, batch).mean()
     >>> state = tx.init(params)
     >>> for _ in range(2):  # one gradient per step, at the state's point
-    ...   (point,) = state[0].points(params)
-    ...   g = jax.grad(mean_loss)(point)
-    ...   updates, state = tx.update(g, state, params, point_grads=(g,))
+    ...   (point,) = sj.gradient_points(state, params)
+    ...   loss, g = jax.value_and_grad(mean_loss)(point)
+    ...   taken = sj.PerturbedPass(loss, g, losses=None, aux=None)
+    ...   updates, state = tx.update(g, state, params, point_passes=(taken,))
     ...   params = optax.apply_updates(params, updates)
     >>> point  # w_1 - 0.3 v_1 / |v_1|, v_1 = w_0 / 2
     {'w': Array([ 0.8158359, -1.6316718], dtype=float32)}
@@ -175,17 +179,17 @@ def momentum_sam(
         diagnostics=perturbed_lib.init_diagnostics(),
     )
 
-  def update_fn(updates, state, params=None, *, point_grads=None,
-                point_losses=None, loss_fn=None, batch=None,
+  def update_fn(updates, state, params=None, *, point_passes=None,
+                loss_fn=None, batch=None,
                 has_aux: bool = False, value=None, data_axis_name=None,
                 **extra_args):
     del extra_args
     wrapper.check_axis(name, axis_name, data_axis_name)
     eps = state.perturbation()
-    taken = points_lib.given(point_grads, point_losses, 1, updates, name)
+    taken = points_lib.given(point_passes, 1, updates, name)
     if taken is None:
       perturbed_lib.require_extra_args(name, params, loss_fn, batch)
-      taken = points_lib.passes(loss_fn, state.points(params), batch,
+      taken = points_lib.passes(loss_fn, state.gradient_points(params), batch,
                                 has_aux=has_aux, name=name)
       clean = updates
     else:

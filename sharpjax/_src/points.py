@@ -3,15 +3,16 @@ r"""Gradients at points a method takes from its state.
 Momentum-SAM and SAMPa take no gradient at the current parameters: the
 point (or points) where a step's gradients are taken are known from the
 state and the parameters before the step starts. The state says where
-(``points(params)``); whoever drives the step computes the gradients there
-and passes them to ``update`` as ``point_grads=`` (a tuple, one gradient per
-point, in the order of ``points``). Without ``point_grads`` the
-transformation takes those passes itself from the ``loss_fn`` and ``batch``
-extra arguments (then the gradient passed to ``update`` is used for the
-diagnostics only).
+(``PASSES = "points"`` and ``gradient_points(params)``, the protocol of
+:mod:`sharpjax._src.protocol`); whoever drives the step computes the
+gradients there and passes them to ``update`` as ``point_passes=`` (a tuple
+of :class:`sharpjax.PerturbedPass`, one per point, in order). Without
+``point_passes`` the transformation takes those passes itself from the
+``loss_fn`` and ``batch`` extra arguments (then the gradient passed to
+``update`` is used for the diagnostics only).
 
-This module holds what both methods share: reading ``point_grads``, and the
-passes at several points, batched into one computation.
+This module holds what both methods share: reading ``point_passes``, and
+the passes at several points, batched into one computation.
 """
 
 from __future__ import annotations
@@ -44,34 +45,41 @@ def add_to(params: Any, delta: Any) -> Any:
       lambda p, d: (p.astype(jnp.float32) + d).astype(p.dtype), params, delta)
 
 
-def given(point_grads: Any, point_losses: Any, num_points: int, updates: Any,
+def given(point_passes: Any, num_points: int, updates: Any,
           name: str) -> Optional[PointPasses]:
-  """The caller's ``point_grads`` checked (None when not passed).
+  """The caller's ``point_passes`` checked (None when not passed).
 
-  Raises a ``ValueError`` at trace time when the count of gradients differs
-  from the method's points or a gradient is not shaped like ``updates``.
+  Each entry is a :class:`sharpjax.PerturbedPass` (or any object with
+  ``grads`` and ``loss``; ``loss`` may be None). Raises a ``ValueError`` at
+  trace time when the count differs from the method's points or a gradient
+  is not shaped like ``updates``.
   """
-  if point_grads is None:
+  if point_passes is None:
     return None
-  if not isinstance(point_grads, (tuple, list)) or len(point_grads) != num_points:
+  if (not isinstance(point_passes, (tuple, list))
+      or len(point_passes) != num_points):
     raise ValueError(
-        f"sharpjax.{name}: point_grads must be a tuple of {num_points} "
-        f"gradient(s), one per point of the state's points(params), got "
-        f"{type(point_grads).__name__}"
-        + (f" of length {len(point_grads)}"
-           if isinstance(point_grads, (tuple, list)) else "") + ".")
+        f"sharpjax.{name}: point_passes must be a tuple of {num_points} "
+        "pass(es) (sj.PerturbedPass), one per point of "
+        "sj.gradient_points(opt_state, params), got "
+        f"{type(point_passes).__name__}"
+        + (f" of length {len(point_passes)}"
+           if isinstance(point_passes, (tuple, list)) else "") + ".")
   want = jax.tree.structure(updates)
-  for i, g in enumerate(point_grads):
-    if jax.tree.structure(g) != want:
+  grads, losses = [], []
+  for i, p in enumerate(point_passes):
+    if not hasattr(p, "grads"):
       raise ValueError(
-          f"sharpjax.{name}: point_grads[{i}] is not shaped like the "
-          f"gradient: {jax.tree.structure(g)} vs {want}.")
-  if point_losses is None:
-    losses = (jnp.full((), jnp.nan, jnp.float32),) * num_points
-  else:
-    losses = tuple(jnp.asarray(x, jnp.float32).reshape(())
-                   for x in point_losses)
-  return PointPasses(tuple(point_grads), losses)
+          f"sharpjax.{name}: point_passes[{i}] must be a sj.PerturbedPass "
+          f"(loss, grads, losses, aux), got {type(p).__name__}.")
+    if jax.tree.structure(p.grads) != want:
+      raise ValueError(
+          f"sharpjax.{name}: point_passes[{i}].grads is not shaped like the "
+          f"gradient: {jax.tree.structure(p.grads)} vs {want}.")
+    grads.append(p.grads)
+    losses.append(jnp.full((), jnp.nan, jnp.float32) if p.loss is None
+                  else jnp.asarray(p.loss, jnp.float32).reshape(()))
+  return PointPasses(tuple(grads), tuple(losses))
 
 
 def passes(loss_fn: perturbed_lib.LossFn, points: Sequence[Any], batch: Any,

@@ -4,7 +4,7 @@ SAM's second gradient needs the first (the ascent direction). SAMPa takes
 its ascent direction from the gradient at an auxiliary sequence :math:`y`
 computed in the previous step, so both gradients of a step are taken at
 points known from the state before the step starts
-(:meth:`SAMPaState.points`): on one device they are one batched
+(:meth:`SAMPaState.gradient_points`): on one device they are one batched
 computation, on two groups of devices they run at the same time.
 """
 
@@ -44,8 +44,9 @@ class SAMPaState(NamedTuple):
     weight_decay: float32 scalar, the base optimizer's weight decay.
     diagnostics: what the last step saw.
 
-  ``NUM_POINTS = 2``: a step takes its gradients at ``points(params)``,
-  :math:`(\tilde x_t, y_{t+1})` (:meth:`points`), never at ``params``.
+  ``PASSES = "points"`` (the protocol of :func:`sharpjax.passes`): a step
+  takes its gradients at ``gradient_points(params)``, :math:`(\tilde x_t,
+  y_{t+1})`, never at ``params``.
   """
 
   count: jax.Array
@@ -57,9 +58,9 @@ class SAMPaState(NamedTuple):
   weight_decay: jax.Array
   diagnostics: perturbed_lib.Diagnostics
 
-  NUM_POINTS = 2
+  PASSES = "points"
 
-  def points(self, params: Any) -> tuple:
+  def gradient_points(self, params: Any) -> tuple:
     r"""``(x + rho g_y / ||g_y||, y)``: where the step's gradients are taken.
 
     :math:`y` is the base optimizer's step from ``params`` with the stored
@@ -102,7 +103,8 @@ def sampa(
   :math:`d_t` goes on to the base optimizer (:math:`x_{t+1} = x_t - \eta_t
   d_t` for SGD) and :math:`\nabla L_B(y_{t+1})` is kept as the next
   :math:`g_y`. Both points depend only on :math:`x_t` and the state, so the
-  two gradients are independent: :meth:`SAMPaState.points` gives them before
+  two gradients are independent: :func:`sharpjax.gradient_points` gives them
+  before
   the step. :math:`g_y = 0` at the start, so the first step takes both
   gradients at :math:`x_0`.
 
@@ -122,10 +124,15 @@ def sampa(
   on the step's batch.
 
   Taking the passes. A loop computes the gradients at
-  ``state.points(params)`` and passes them as ``point_grads=(g_tilde, g_y)``
-  (optionally ``point_losses=``); :func:`sharpjax.training.make_trainer`
-  does so itself, one batched computation on one device, or one gradient per
-  half of the devices on a mesh with a pair axis. Without ``point_grads``,
+  :func:`sharpjax.gradient_points` and passes them as ``point_passes=``, a
+  tuple of two :class:`sharpjax.PerturbedPass` (:math:`\tilde x_t` first);
+  :func:`sharpjax.training.make_trainer` does so itself, one batched
+  computation on one device, or one gradient per half of the devices on a
+  mesh with a ``"pair"`` axis of size 2 (``make_trainer(..., mesh=mesh)``,
+  its ``point_axis``). The trainer's metrics (loss, accuracy) and BatchNorm
+  statistics are those of the pass at :math:`\tilde x_t`, as in the
+  official code, whose first device holds that pass. Without
+  ``point_passes``,
   ``update`` takes both passes itself from ``loss_fn`` and ``batch`` (one
   ``jax.vmap`` over the two points).
 
@@ -152,9 +159,9 @@ def sampa(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain. Its
-    ``update(grads, state, params, *, point_grads=None, point_losses=None,
-    loss_fn=None, batch=None, has_aux=False, value=None,
-    data_axis_name=None)`` needs ``point_grads`` or ``loss_fn`` and
+    ``update(grads, state, params, *, point_passes=None, loss_fn=None,
+    batch=None, has_aux=False, value=None, data_axis_name=None)`` needs
+    ``point_passes`` or ``loss_fn`` and
     ``batch``; its state is a :class:`SAMPaState`.
 
   Example:
@@ -164,13 +171,14 @@ def sampa(
     >>> params = {"w": jnp.array([1.0, -2.0])}
     >>> batch = {"x": jnp.eye(2)}
     >>> loss_fn = lambda p, b: 0.5 * (b["x"] @ p["w"]) ** 2
-    >>> grad = jax.grad(lambda p: loss_fn(p, batch).mean())
+    >>> grad = jax.value_and_grad(lambda p: loss_fn(p, batch).mean())
     >>> state = tx.init(params)
     >>> for _ in range(2):
-    ...   x_tilde, y = state[0].points(params)
-    ...   grads = (grad(x_tilde), grad(y))  # independent: run them in parallel
-    ...   updates, state = tx.update(grads[0], state, params,
-    ...                              point_grads=grads)
+    ...   x_tilde, y = sj.gradient_points(state, params)
+    ...   taken = tuple(sj.PerturbedPass(*grad(p), losses=None, aux=None)
+    ...                 for p in (x_tilde, y))  # independent: in parallel
+    ...   updates, state = tx.update(taken[0].grads, state, params,
+    ...                              point_passes=taken)
     ...   params = optax.apply_updates(params, updates)
     >>> y  # the second step's y = x_1 - 0.1 g_y, g_y = x_0 / 2 (x_1 = 0.95 x_0)
     {'w': Array([ 0.9, -1.8], dtype=float32)}
@@ -204,16 +212,16 @@ def sampa(
         diagnostics=perturbed_lib.init_diagnostics(),
     )
 
-  def update_fn(updates, state, params=None, *, point_grads=None,
-                point_losses=None, loss_fn=None, batch=None,
+  def update_fn(updates, state, params=None, *, point_passes=None,
+                loss_fn=None, batch=None,
                 has_aux: bool = False, value=None, data_axis_name=None,
                 **extra_args):
     del extra_args
     wrapper.check_axis(name, axis_name, data_axis_name)
     if params is None:
       perturbed_lib.require_extra_args(name, params, loss_fn, batch)
-    x_tilde, y = state.points(params)
-    taken = points_lib.given(point_grads, point_losses, 2, updates, name)
+    x_tilde, y = state.gradient_points(params)
+    taken = points_lib.given(point_passes, 2, updates, name)
     if taken is None:
       perturbed_lib.require_extra_args(name, params, loss_fn, batch)
       taken = points_lib.passes(loss_fn, (x_tilde, y), batch,

@@ -28,6 +28,7 @@ class _StateInfo:
     self.needs_ids = protocol.needs_example_ids(state.opt_state)
     scheduled = protocol.host_scheduled(state.opt_state)
     self.count = self.period = None
+    self._scheduled = scheduled[0] if len(scheduled) == 1 else None
     if len(scheduled) == 1:
       count, period = jax.device_get((scheduled[0].count,
                                       scheduled[0].period))
@@ -37,7 +38,7 @@ class _StateInfo:
   def full_step(self) -> Optional[bool]:
     if self.count is None:
       return None
-    return self.count % self.period == 0
+    return protocol.full_step_at(self._scheduled, self.count, self.period)
 
   def advance(self) -> None:
     if self.count is not None:
