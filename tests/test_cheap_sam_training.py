@@ -143,3 +143,31 @@ def test_late_sam_switches_on_the_host():
     measured.append(float(metrics["measured"]))
     _close(state.params, params)
   assert measured == [0.0, 0.0, 1.0, 1.0]
+
+
+def _convolutions(tx, full_step=None):
+  """Convolutions in a make_trainer step of the CLI's CNN, as traced (before
+  XLA removes anything): the passes the step asks for."""
+  model = models.CNN1D(num_classes=NUM_CLASSES, channels=4)
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(8, 40, 1)).astype(np.float32),
+           "y": rng.integers(0, NUM_CLASSES, 8).astype(np.int32)}
+  trainer = training.make_trainer(model, tx, validate=False)
+  state = jax.eval_shape(lambda: trainer.init(_key(), batch))  # no compile
+  text = trainer._step.lower(state, trainer.shard_batch(batch),  # pylint: disable=protected-access
+                             full_step).as_text()
+  return text.count("convolution")
+
+
+def test_passes_per_step_are_the_methods_own():
+  """Momentum-SAM's step holds SGD's passes (one forward-backward, at the
+  point), SAMPa's two, late-phase SAM's SGD's then SAM's."""
+  sgd = lambda: optax.sgd(0.1, momentum=0.9)
+  one = _convolutions(sgd())
+  assert one > 0
+  assert _convolutions(optax.chain(sj.momentum_sam(), sgd())) == one
+  assert _convolutions(optax.chain(
+      sj.sampa(learning_rate=0.1), sgd())) == 2 * one
+  late = optax.chain(sj.late_sam(start=2), sgd())
+  assert _convolutions(late, False) == one
+  assert _convolutions(late, True) == 2 * one
