@@ -162,8 +162,8 @@ def momentum_sam(
     {'w': Array([ 0.8158359, -1.6316718], dtype=float32)}
 
   References:
-    Becker, Altrock and Fischer, Momentum-SAM: Sharpness Aware Minimization
-    without Computational Overhead, 2024. https://arxiv.org/abs/2401.12033
+    Becker et al., Momentum-SAM: Sharpness Aware Minimization without
+    Computational Overhead, 2024. https://arxiv.org/abs/2401.12033
   """
   base.check_range("rho", rho, low=0.0)
   base.check_range("momentum", momentum, low=0.0, high=1.0,

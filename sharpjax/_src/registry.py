@@ -196,8 +196,8 @@ CARDS: tuple[MethodCard, ...] = (
         "gradient at w − ρ v / ‖v‖, v the momentum buffer of past gradients; "
         "no pass at w",
         "1 forward-backward",
-        (_paper("Becker, Altrock and Fischer, Momentum-SAM: Sharpness Aware "
-                "Minimization without Computational Overhead, 2024",
+        (_paper("Becker et al., Momentum-SAM: Sharpness Aware Minimization "
+                "without Computational Overhead, 2024",
                 "https://arxiv.org/abs/2401.12033"),)),
     MethodCard(
         "sampa", sampa.sampa, ("rho", "lam"),
@@ -205,7 +205,7 @@ CARDS: tuple[MethodCard, ...] = (
         "x̃ = x + ρ g_y / ‖g_y‖, y' = the base step from x with g_y; "
         "d = (1 − λ) ∇L(x̃) + λ ∇L(y'), then g_y = ∇L(y')",
         "2 forward-backward, in parallel",
-        (_paper("Xie, Pethick and Cevher, SAMPa: Sharpness-aware Minimization "
+        (_paper("Xie et al., SAMPa: Sharpness-aware Minimization "
                 "Parallelized, NeurIPS 2024",
                 "https://arxiv.org/abs/2410.10683"),),
         needs=("learning_rate",)),

@@ -186,8 +186,8 @@ def sampa(
     Array([ 0.90121114, -1.8024223 ], dtype=float32)
 
   References:
-    Xie, Pethick and Cevher, SAMPa: Sharpness-aware Minimization
-    Parallelized, NeurIPS 2024. https://arxiv.org/abs/2410.10683
+    Xie et al., SAMPa: Sharpness-aware Minimization Parallelized, NeurIPS
+    2024. https://arxiv.org/abs/2410.10683
   """
   base.check_range("rho", rho, low=0.0)
   base.check_range("lam", lam, low=0.0, high=1.0)
