@@ -111,6 +111,29 @@ class MomentumSAMTest(parameterized.TestCase):
     np.testing.assert_allclose(Q.flat(got), Q.flat(want), rtol=1e-6,
                                atol=1e-7)
 
+  def test_multisteps_accumulates_gradients_at_the_same_point(self):
+    # Two micro-batches (halves of the examples) per update: the same steps
+    # as the whole batch, since the point moves only with the inner update.
+    tx = optax.chain(sj.momentum_sam(rho=0.3), optax.sgd(0.1, momentum=0.9))
+    want, _, _ = run_at_points(tx, 3)
+    multi = optax.MultiSteps(tx, every_k_schedule=2)
+    params, state = Q.params(), multi.init(Q.params())
+    halves = [{"c": Q.batch["c"][:2]}, {"c": Q.batch["c"][2:]}]
+
+    @jax.jit
+    def micro(params, state, batch):
+      (point,) = sj.gradient_points(state, params)
+      g = jax.grad(lambda p: Q.loss(p, batch).mean())(point)
+      updates, state = multi.update(g, state, params,
+                                    point_passes=(taken(g),))
+      return optax.apply_updates(params, updates), state
+
+    for _ in range(3):
+      for half in halves:
+        params, state = micro(params, state, half)
+    np.testing.assert_allclose(Q.flat(params), Q.flat(want), rtol=1e-5,
+                               atol=1e-6)
+
   def test_adamw_variant(self):
     lr, b1, b2, eps, rho, steps = 0.05, 0.9, 0.999, 1e-8, 1.0, 8
     want = official_adamw_msam(lambda w: Q.grad(w), Q.w0, lr=lr, b1=b1, b2=b2,

@@ -87,10 +87,12 @@ def momentum_sam(
 
   Taking the passes. The point of a step is known before it starts:
   :func:`sharpjax.gradient_points` (``opt_state, params``) gives it. A loop
-  computes the gradient there and passes it as ``point_passes=``, a tuple of
-  one :class:`sharpjax.PerturbedPass` (its ``loss`` is recorded in the
-  diagnostics; ``losses`` and ``aux`` are not read); the gradient passed as
-  ``grads`` then only sets the structure and dtypes.
+  computes the gradient there and passes it as ``grads`` with
+  ``point_passes=``, a tuple of one :class:`sharpjax.PerturbedPass` (it says
+  that ``grads`` is taken at the point; its ``loss`` is recorded in the
+  diagnostics, the rest is not read). Under ``optax.MultiSteps`` the
+  accumulated gradient is then the mean of the micro-batches' gradients at
+  the same point (the point moves only when the inner update runs).
   :func:`sharpjax.training.make_trainer` does so itself and takes no pass at
   the current parameters. Without ``point_passes``, ``update`` takes the pass
   itself from ``loss_fn`` and ``batch`` (a SAM-like call; the gradient passed
@@ -192,9 +194,13 @@ def momentum_sam(
       taken = points_lib.passes(loss_fn, state.gradient_points(params), batch,
                                 has_aux=has_aux, name=name)
       clean = updates
+      g = taken.grads[0]
     else:
-      clean = taken.grads[0]  # no gradient at w: the diagnostics use g_t
-    g, loss = taken.grads[0], taken.losses[0]
+      # The point's gradient is `updates` (under optax.MultiSteps, the mean
+      # over the accumulated micro-batches; point_passes holds the last
+      # one's). No gradient at w: the diagnostics use g_t.
+      g = clean = updates
+    loss = taken.losses[0]
     if axis_name is not None:
       g, loss = jax.lax.pmean((g, loss), axis_name)
     mu = base.resolve(momentum, state.count)
