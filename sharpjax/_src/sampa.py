@@ -148,7 +148,10 @@ def sampa(
       :math:`y_{t+1}` (a number or a schedule). 0.2 is the official default
       ("SAMPa-0.2"); 0 keeps only the perturbed gradient.
     learning_rate: :math:`\eta_t` of the base optimizer (a number or the
-      same optax schedule), used to form :math:`y_{t+1}`.
+      same optax schedule), used to form :math:`y_{t+1}`; a schedule is
+      evaluated at the step whose point it sets. (Injected with
+      ``optax.inject_hyperparams``, the value of the current step sets the
+      next point.)
     momentum: the base optimizer's SGD momentum, in [0, 1) (0: the paper's
       rule). A static number (it decides whether the state keeps a momentum
       buffer): with ``optax.inject_hyperparams`` name it in ``static_args``.
