@@ -126,15 +126,14 @@ def sampa(
   Taking the passes. A loop computes the gradients at
   :func:`sharpjax.gradient_points` and passes them as ``point_passes=``, a
   tuple of two :class:`sharpjax.PerturbedPass` (:math:`\tilde x_t` first);
-  :func:`sharpjax.training.make_trainer` does so itself, one batched
-  computation on one device, or one gradient per half of the devices on a
-  mesh with a ``"pair"`` axis of size 2 (``make_trainer(..., mesh=mesh)``,
+  :func:`sharpjax.training.make_trainer` does so itself: on one device both
+  passes in one compiled program, or one gradient per half of the devices on
+  a mesh with a ``"pair"`` axis of size 2 (``make_trainer(..., mesh=mesh)``,
   its ``point_axis``). The trainer's metrics (loss, accuracy) and BatchNorm
   statistics are those of the pass at :math:`\tilde x_t`, as in the
   official code, whose first device holds that pass. Without
   ``point_passes``,
-  ``update`` takes both passes itself from ``loss_fn`` and ``batch`` (one
-  ``jax.vmap`` over the two points).
+  ``update`` takes both passes itself from ``loss_fn`` and ``batch``.
 
   Cost: two forward-backward passes per step (SAM's FLOPs), independent of
   each other; two float32 buffers the size of the parameters with momentum
