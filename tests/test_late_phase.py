@@ -70,8 +70,10 @@ class LatePhaseTest(parameterized.TestCase):
   def test_refuses_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "pass total_steps="):
       sj.late_sam(start=0.5)
-    with self.assertRaisesRegex(ValueError, r"start must be in \[0.0, 1.0\]"):
+    with self.assertRaisesRegex(ValueError, r"fraction of the run in \[0, 1\]"):
       sj.late_sam(start=1.5, total_steps=10)
+    self.assertEqual(int(sj.late_sam(start=150.0).init(Q.params()).period),
+                     150)
     with self.assertRaisesRegex(ValueError, "start must be an integer >= 0"):
       sj.late_sam(start=-3)
     with self.assertRaisesRegex(TypeError, "start must be a step"):

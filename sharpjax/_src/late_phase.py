@@ -70,7 +70,8 @@ def switch_step(start: Union[int, float], total_steps: Optional[int]) -> int:
   """``start`` as a step: an int as is, a fraction of ``total_steps``.
 
   A float in [0, 1] is a fraction of the run (rounded to the nearest step)
-  and needs ``total_steps``; an int is a step.
+  and needs ``total_steps``; an int (or an integral float above 1) is a
+  step.
   """
   if isinstance(start, bool) or not isinstance(
       start, (int, float, np.integer, np.floating)):
@@ -82,7 +83,13 @@ def switch_step(start: Union[int, float], total_steps: Optional[int]) -> int:
     total_steps = base.check_int("total_steps", total_steps, low=1)
   if isinstance(start, (int, np.integer)):
     return base.check_int("start", int(start), low=0)
-  base.check_range("start", float(start), low=0.0, high=1.0)
+  start = float(start)
+  if start > 1.0 and start.is_integer():  # a step written as a float
+    return int(start)
+  if not 0.0 <= start <= 1.0:
+    raise ValueError(
+        "start must be a fraction of the run in [0, 1] or a step (an integer "
+        f">= 0), got {start!r}.")
   if total_steps is None:
     raise ValueError(
         f"start={start} is a fraction of the run: pass total_steps= (the "
