@@ -35,7 +35,9 @@ class MomentumSAMState(NamedTuple):
     scale: float32 scalar :math:`\rho_t / (\|v\| + 10^{-12})`, set at the
       end of the previous update (with ``rho`` evaluated at the coming step),
       so that the next point is known from the state alone.
-    diagnostics: what the last step saw.
+    diagnostics: what the last step saw. Given the point's gradient, no
+      pass is taken at the parameters: ``grad_norm`` is then the norm of
+      the point's gradient, ``cosine`` 1 and ``clean_loss`` NaN.
 
   ``PASSES = "points"`` (the protocol of :func:`sharpjax.passes`): a step
   takes its one gradient at ``gradient_points(params)[0]``, never at
@@ -198,8 +200,10 @@ def momentum_sam(
     else:
       # The point's gradient is `updates` (under optax.MultiSteps, the mean
       # over the accumulated micro-batches; point_passes holds the last
-      # one's). No gradient at w: the diagnostics use g_t.
+      # one's). No gradient nor loss at w: the diagnostics use g_t, and the
+      # clean loss is not known (a loop's value= is the point's loss).
       g = clean = updates
+      value = None
     loss = taken.losses[0]
     if axis_name is not None:
       g, loss = jax.lax.pmean((g, loss), axis_name)

@@ -42,7 +42,10 @@ class SAMPaState(NamedTuple):
       official code).
     momentum: float32 scalar, the base optimizer's momentum :math:`\mu`.
     weight_decay: float32 scalar, the base optimizer's weight decay.
-    diagnostics: what the last step saw.
+    diagnostics: what the last step saw. SAMPa takes no gradient at
+      :math:`x_t`: the "clean" gradient and loss are those at
+      :math:`y_{t+1}` (the caller's ``value=`` when it takes the passes
+      itself), the perturbed ones those at :math:`\tilde x_t`.
 
   ``PASSES = "points"`` (the protocol of :func:`sharpjax.passes`): a step
   takes its gradients at ``gradient_points(params)``, :math:`(\tilde x_t,
@@ -221,7 +224,10 @@ def sampa(
     del extra_args
     wrapper.check_axis(name, axis_name, data_axis_name)
     if params is None:
-      perturbed_lib.require_extra_args(name, params, loss_fn, batch)
+      raise TypeError(
+          "sharpjax.sampa: update() needs params (its points and the base "
+          "step are formed from them): tx.update(grads, opt_state, params, "
+          "point_passes=...).")
     x_tilde, y = state.gradient_points(params)
     taken = points_lib.given(point_passes, 2, updates, name)
     if taken is None:
@@ -251,7 +257,8 @@ def sampa(
     eps = jax.tree.map(lambda g: state.ascent_scale * g, state.g_y)
     diagnostics = perturbed_lib.diagnostics_of(
         g_y, eps, g_tilde, loss_tilde, params=params,
-        clean_loss=loss_y if value is None else value)
+        clean_loss=loss_y if point_passes is not None or value is None
+        else value)
     new_state = SAMPaState(
         count=next_count, g_y=new_g_y, velocity=velocity,
         ascent_scale=ascent_scale.astype(jnp.float32),
