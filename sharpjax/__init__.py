@@ -20,6 +20,7 @@ from sharpjax._src.gsam import gsam_rho_schedule
 from sharpjax._src.looksam import looksam
 from sharpjax._src.looksam import LookSAMState
 from sharpjax._src.msam import msam
+from sharpjax._src.msam import MSAMState
 from sharpjax._src.sagm import sagm
 
 # The SAM family, cost-cutting variants: ESAM, SSAM, AUSAM.

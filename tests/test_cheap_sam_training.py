@@ -171,3 +171,30 @@ def test_passes_per_step_are_the_methods_own():
   late = optax.chain(sj.late_sam(start=2), sgd())
   assert _convolutions(late, False) == one
   assert _convolutions(late, True) == 2 * one
+
+
+def test_step_cost_averages_late_sam_over_the_run():
+  """The SGD program for the first 6 of 8 steps, SAM's for the last 2."""
+  model = models.MLP(features=(8,), num_classes=NUM_CLASSES)
+  loader = _loader()
+  batch = loader.batch(0, 0)
+  trainer = training.make_trainer(model, optax.chain(
+      sj.late_sam(rho=0.1, start=0.75, total_steps=8), optax.sgd(0.1)),
+                                  donate=False)
+  state = trainer.init(_key(), batch)
+  placed = trainer.shard_batch(batch)
+
+  def program(full_step):
+    with training._trainer._optimized():  # pylint: disable=protected-access
+      compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
+    return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access
+
+  late, early = program(True), program(False)
+  assert late > 1.5 * early
+  np.testing.assert_allclose(trainer.step_cost(state, batch)["flops"],
+                             0.25 * late + 0.75 * early, rtol=1e-6)
+  # Without the run's length the share is unknown: a clear error.
+  no_total = training.make_trainer(model, optax.chain(
+      sj.late_sam(start=6), optax.sgd(0.1)))
+  with pytest.raises(ValueError, match="total_steps="):
+    no_total.step_cost(no_total.init(_key(), batch), batch)

@@ -520,23 +520,20 @@ def _sam_family(name, n):
 
 
 def test_sam_variants_that_slice_the_batch_keep_the_clean_batch_stats():
-  """ESAM (top-k subset), mSAM (chunks) and AUSAM (sampled ids) call loss_fn
-  on parts of the batch; BatchNorm's running averages after a step are still
-  the clean pass's."""
+  """ESAM (top-k subset) calls loss_fn on part of the batch; BatchNorm's
+  running averages after a step are still the clean pass's. (mSAM and AUSAM
+  run no clean pass: their statistics come from their own passes, checked by
+  hand in test_passes.py.)"""
   model = TinyBN()
   batch = _batch(16)
-  reference = None
-  for name in ["esam", "msam", "ausam"]:
-    tx = optax.chain(_sam_family(name, 16), optax.sgd(0.1))
-    trainer = training.make_trainer(model, tx, donate=False)
-    state = trainer.init(_key(), batch)
-    if reference is None:
-      _, reference = jax.jit(_train_apply, static_argnums=0)(
-          model, state.params, state.model_state["batch_stats"], batch["x"],
-          None)
-    new_state, metrics = trainer.step(state, batch)
-    _close(new_state.model_state["batch_stats"], reference, tol=1e-6)
-    assert np.isfinite(float(metrics["perturbed_loss"])), name
+  tx = optax.chain(_sam_family("esam", 16), optax.sgd(0.1))
+  trainer = training.make_trainer(model, tx, donate=False)
+  state = trainer.init(_key(), batch)
+  _, reference = jax.jit(_train_apply, static_argnums=0)(
+      model, state.params, state.model_state["batch_stats"], batch["x"], None)
+  new_state, metrics = trainer.step(state, batch)
+  _close(new_state.model_state["batch_stats"], reference, tol=1e-6)
+  assert np.isfinite(float(metrics["perturbed_loss"]))
 
 
 @pytest.mark.parametrize("method", ["sam", "saf", "mesa"])

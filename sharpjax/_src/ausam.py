@@ -171,18 +171,16 @@ def ausam(
 
   Cost: both passes run on the static-size sample :math:`T` (a gather of
   :math:`\lceil\alpha b\rceil` examples), so a step costs about
-  :math:`2\alpha` forward-backward passes. AUSAM computes its clean gradient
-  on :math:`T`, as the paper does, and does not use the full-batch gradient
-  passed to ``update``: when the caller computes that gradient in the same
-  jitted step and uses it for nothing else, XLA removes it as dead code (a
-  test checks that the compiled step holds the two passes on :math:`T` and
-  nothing else). In units of a forward pass over the batch (a backward costs
-  about two, SGD 3): :math:`6\alpha` (3 at :math:`\alpha = 0.5`, SGD's
-  cost), plus 1 when the caller keeps its clean forward for its own metrics
-  (1.33x SGD), plus 2 more when it also keeps the clean gradient alive (for
-  example by averaging it across devices before ``update``, or reporting its
-  norm): then the step costs SAM's. The score table is updated in place (the
-  written rows depend on the rows read), so a donated state is not copied.
+  :math:`2\alpha` forward-backward passes: SGD's FLOPs at :math:`\alpha =
+  0.5`. AUSAM computes its clean gradient on :math:`T`, as the paper does,
+  and does not use the full-batch gradient passed to ``update``. Its state
+  declares ``PASSES = "own"``: :func:`sharpjax.training.make_trainer` runs
+  no clean pass, and the step's loss, accuracy and BatchNorm statistics are
+  those of the clean pass on :math:`T` (recorded with
+  ``update(..., report_passes=True)``, see :func:`sharpjax.pop_step_passes`).
+  A caller that computes the full-batch gradient anyway pays for it. The
+  score table is updated in place (the written rows depend on the rows
+  read), so a donated state is not copied.
 
   Differences from the official code (ajiaaa/AUSAM): there is no full-batch
   first epoch to initialise the scores; an example never sampled instead

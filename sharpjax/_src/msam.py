@@ -107,9 +107,12 @@ def msam(
   example.
 
   With ``num_chunks > 1`` the chunks' clean gradients are computed here, so
-  the gradient passed to ``update`` is used only for its structure and dtypes
-  (under ``jit`` XLA drops the caller's backward pass when nothing else uses
-  it). The diagnostics report the mean of the chunks' clean gradients (the
+  the gradient passed to ``update`` is used only for its structure and dtypes;
+  the state (:class:`sharpjax.MSAMState`) declares ``PASSES = "own"``, so
+  :func:`sharpjax.training.make_trainer` runs no clean pass at all and takes
+  the step's losses, logits and BatchNorm statistics from the chunks' clean
+  passes (``update(..., report_passes=True)`` records them, see
+  :func:`sharpjax.pop_step_passes`). The diagnostics report the mean of the chunks' clean gradients (the
   batch gradient), the mean perturbation norms, the mean perturbed loss, and
   the mean of the chunks' clean losses (the batch's mean loss, computed here):
   ``value=`` is not used either, so a clean forward pass the caller runs only
@@ -151,7 +154,8 @@ def msam(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain,
     called as :func:`sharpjax.sam`; its state is a
-    :class:`sharpjax.SharpnessAwareState`.
+    :class:`sharpjax.SharpnessAwareState` with ``num_chunks=1``, else a
+    :class:`sharpjax.MSAMState`.
 
   Example:
     >>> import optax, sharpjax as sj

@@ -34,7 +34,7 @@ The declarations:
   several, a static number), and nowhere else: the loop takes one gradient
   per point (several as one ``vmap`` over the points), passes the first
   point's gradient as ``update``'s first argument and all of them as
-  ``point_passes=`` (a tuple of :class:`~sharpjax._src.perturbed.PerturbedPass`,
+  ``point_passes=`` (a tuple of :class:`sharpjax.PerturbedPass`,
   one per point, in order: mean loss, gradient, per-example losses, aux);
   the step's metrics and new model state come from the first point.
   ``"own"``: nowhere; the method runs its own passes on its own examples.

@@ -288,7 +288,7 @@ def _gradients_at(spec: StepSpec, points: tuple, mean_loss):
   """The gradients at ``points``: ``(value_and_aux, grads, point_passes)``.
 
   ``value_and_aux`` and ``grads`` are the first point's; ``point_passes``
-  holds a :class:`~sharpjax._src.perturbed.PerturbedPass` per point. One
+  holds a :class:`sharpjax.PerturbedPass` per point. One
   point is one forward-backward pass. Several points are independent passes
   in one program: with ``spec.point_sharding`` (a mesh axis with one group
   of devices per point) each group computes one point's gradient (a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Sequence
 import warnings
 
@@ -153,6 +154,64 @@ class Trainer:
     self._track(label_range, placed, f"step call {self._calls}")
     return new_state, self._placement.local(metrics)
 
+  def step_cost(self, state: _step.TrainState, batch: _step.Batch) -> dict:
+    r"""XLA's cost analysis of the compiled ``step`` on this state and batch.
+
+    Compiles the step for ``batch``'s shapes (nothing runs, the state is not
+    donated) with XLA's optimizations on, whatever
+    ``JAX_DISABLE_MOST_OPTIMIZATIONS`` says (without them dead code such as
+    an unused backward pass stays in the program and is counted), and
+    returns the cost analysis of the optimized program:
+
+    - ``flops``: floating-point operations of one step;
+    - ``bytes_accessed``: bytes the step's operations read and write;
+    - ``transcendentals``: exp/log/tanh/... evaluations.
+
+    These are per device: on a mesh, with ``per_device_perturbation`` or
+    under ``pmap`` each device's partitioned program is counted. For a
+    method whose full steps follow a host-known schedule
+    (``HOST_SCHEDULED``), both programs are compiled and weighted by their
+    share of the run: LookSAM's ``1/k`` full and ``(k-1)/k`` skip steps,
+    late-phase SAM's ``1 - start`` SAM steps (which needs its
+    ``total_steps``).
+
+    A ratio to SGD's figure predicts the time ratio where a step is
+    compute-bound (an accelerator on a large model); it does not count
+    host-side dispatch, nor how fast memory-bound work (a gather from SAF's
+    bank) runs.
+
+    Example:
+      >>> import jax, optax, sharpjax as sj
+      >>> from sharpjax import data, models, training
+      >>> train = data.make_synthetic(32, input_shape=(40,), num_classes=10)
+      >>> batch = next(iter(data.DataLoader(train, batch_size=16).epoch(0)))
+      >>> def flops(tx):
+      ...   trainer = training.make_trainer(models.CNN1D(), tx)
+      ...   state = trainer.init(jax.random.key(0), batch)
+      ...   return trainer.step_cost(state, batch)["flops"]
+      >>> ratio = flops(optax.chain(sj.sam(), optax.sgd(0.1))) / flops(
+      ...     optax.sgd(0.1))
+      >>> 1.9 < ratio < 2.1
+      True
+    """
+    _checks.check_keys(batch, protocol.needs_example_ids(state.opt_state))
+    placed = dict(self.shard_batch(batch))
+    scheduled = protocol.host_scheduled(state.opt_state)
+    if len(scheduled) == 1:
+      share = protocol.full_step_share(scheduled[0])
+      programs = [(True, share), (False, 1.0 - share)]
+    else:
+      programs = [(None, 1.0)]
+    total = {}
+    for full_step, weight in programs:
+      if weight == 0.0:
+        continue
+      with _optimized():
+        compiled = self._step.lower(state, placed, full_step).compile()
+      for key, value in _cost_of(compiled).items():
+        total[key] = total.get(key, 0.0) + weight * value
+    return total
+
   def eval_step(self, state: _step.TrainState, batch: _step.Batch) -> dict:
     """``loss`` and ``accuracy`` (means over the batch), model in eval mode."""
     placed = self._prepare(batch, needs_ids=False)
@@ -168,6 +227,32 @@ class Trainer:
     where the loop reads metrics anyway) to be sure none is left unchecked.
     """
     self._pending.drain(self._spec.num_classes)
+
+
+@contextlib.contextmanager
+def _optimized():
+  """XLA's optimizations on for the compilations inside (the test suite turns
+  most of them off, which keeps dead code in the program)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+_COST_KEYS = {"flops": "flops", "bytes accessed": "bytes_accessed",
+              "transcendentals": "transcendentals"}
+
+
+def _cost_of(compiled) -> dict:
+  """``flops``, ``bytes_accessed``, ``transcendentals`` of a compiled program."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {ours: float(analysis.get(theirs, 0.0))
+          for theirs, ours in _COST_KEYS.items()}
 
 
 def make_trainer(
