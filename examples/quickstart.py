@@ -1,8 +1,8 @@
 """SGD against SAM on a small synthetic problem, in plain JAX + optax.
 
-This is the API of ../shared/API.md section 1 written out by hand: a per-example
-loss, the clean gradient, and one ``tx.update`` call per step. It runs in well
-under a minute on a laptop CPU.
+The library's basic contract written out by hand: a per-example loss, the
+clean gradient, and one ``tx.update`` call per step. It runs in well under a
+minute on a laptop CPU.
 """
 
 import time

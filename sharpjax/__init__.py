@@ -76,10 +76,14 @@ from sharpjax._src.protocol import StepPasses
 # Reading the state.
 from sharpjax._src.diagnostics import diagnostics
 
+# A loop of one's own: where the transformations may sit, data parallelism.
+from sharpjax._src.chain import check_chain
+from sharpjax._src.perturbed import gather_examples
+
 # Subpackages load on first use (`sj.training`, `sj.measures`, ...), so that
 # `import sharpjax` stays as light as optax.
-_SUBPACKAGES = ("cli", "data", "launch", "measures", "models", "quant",
-                "robustness", "training", "tta")
+_SUBPACKAGES = ("cli", "configs", "data", "launch", "measures", "models",
+                "quant", "robustness", "training", "tta")
 
 
 def __getattr__(name):

@@ -15,8 +15,9 @@ Each worker calls :func:`initialize` (``jax.distributed.initialize`` with
 bounded heartbeat and initialization timeouts, gloo collectives on CPU) and
 then runs the module (``-m``) or script as ``__main__``, so the program
 itself needs no launcher-specific code (calling :func:`initialize` again is a
-no-op, and on a pod it is the one line that changes nothing). Output lines
-are forwarded with a ``[i]`` prefix. If a process fails, the others are
+no-op, and on a pod it is the one line that changes nothing). Each worker's
+output is line-buffered and its stdout and stderr are forwarded a whole line
+at a time with a ``[i]`` prefix, so every message is one line. If a process fails, the others are
 stopped and the launcher exits with the failing process's status; an overall
 ``--timeout`` stops a run that hangs.
 
@@ -87,7 +88,10 @@ def _worker_env(process_id: int, num_processes: int, devices: int,
       f"{flags.strip()} --xla_force_host_platform_device_count={devices}"
   ).strip()
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONUNBUFFERED"] = "1"
+  # Not PYTHONUNBUFFERED: unbuffered, print() writes a line's text and its
+  # newline apart, and the runtime's own lines (gloo's) land in between.
+  # The worker makes its streams line-buffered instead (_line_buffered).
+  env.pop("PYTHONUNBUFFERED", None)
   env[_dist.ENV_COORDINATOR] = address
   env[_dist.ENV_NUM_PROCESSES] = str(num_processes)
   env[_dist.ENV_PROCESS_ID] = str(process_id)
@@ -98,6 +102,7 @@ def _worker_env(process_id: int, num_processes: int, devices: int,
 
 
 def _forward(stream, prefix: str, out: TextIO, lock: threading.Lock):
+  """Copies ``stream`` to ``out`` a whole line at a time, prefixed."""
   for line in iter(stream.readline, ""):
     with lock:
       out.write(prefix + line if line.endswith("\n") else prefix + line + "\n")
@@ -180,16 +185,19 @@ def launch(
   for i in range(num_processes):
     env = _worker_env(i, num_processes, devices_per_process, address,
                       heartbeat_timeout, init_timeout, shutdown_timeout)
+    # stdout and stderr in pipes of their own, each forwarded by whole
+    # lines: a partial line on one never splits a line of the other.
     p = subprocess.Popen(
         [sys.executable, "-m", "sharpjax.launch", _WORKER_FLAG, "--",
          *command],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         bufsize=1, start_new_session=True)
     procs.append(p)
-    t = threading.Thread(target=_forward, args=(p.stdout, f"[{i}] ", out,
-                                                lock), daemon=True)
-    t.start()
-    threads.append(t)
+    for stream in (p.stdout, p.stderr):
+      t = threading.Thread(target=_forward, args=(stream, f"[{i}] ", out,
+                                                  lock), daemon=True)
+      t.start()
+      threads.append(t)
 
   def note(msg):
     with lock:
@@ -261,8 +269,29 @@ def _watch_parent(parent: int) -> None:
   threading.Thread(target=watch, daemon=True).start()
 
 
+def _line_buffered() -> None:
+  """This process's output line-buffered: each line leaves in one write.
+
+  Python's ``sys.stdout`` / ``sys.stderr``, and the C library's ``stdout``
+  that the runtime's C++ code prints to (gloo's ``Rank N is connected``).
+  """
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):
+      pass
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    libc = ctypes.CDLL(None)
+    c_stdout = ctypes.c_void_p.in_dll(libc, "stdout")
+    libc.setvbuf(c_stdout, None, 1, 0)  # _IOLBF, before any output
+  except (OSError, ValueError, AttributeError):
+    pass  # not glibc: the C stream keeps its buffering
+
+
 def _run_worker(command: list[str]) -> None:
   """Inside a worker: connect to the others, then run the target."""
+  _line_buffered()
   _watch_parent(os.getppid())
   try:
     initialize()

@@ -256,7 +256,7 @@ class AusamTest(parameterized.TestCase):
 
   def test_table_is_updated_in_place(self):
     # A donated state must not be copied: the compiled step holds no copy of
-    # an array of the table's shape (performance-notes.md).
+    # an array of the table's shape.
     n = 5003
     tx = optax.chain(sj.ausam(rho=0.05, keep=0.5, num_examples=n),
                      optax.sgd(0.1))

@@ -339,8 +339,8 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, method):
     # last checkpoint (step 10, every 5 steps) must be usable.
     real_flush = _runner.MethodRunner._flush
 
-    def flush(self, pending, progress, epoch, bar):
-      real_flush(self, pending, progress, epoch, bar)
+    def flush(self, pending, progress, epoch, bar, log=True):
+      real_flush(self, pending, progress, epoch, bar, log)
       if progress.step >= 12:
         raise KeyboardInterrupt
 
@@ -464,7 +464,8 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
      "unknown model 'resnet9'; valid models: cnn1d, mlp, resnet18, wrn28"),
     (["train", "--data", "mnist"],
      "unknown data set 'mnist'; valid data sets: mnist1d, digits, synthetic, "
-     "cifar10, cifar100 (did you mean 'mnist1d'?)"),
+     "cifar10, cifar100, arrayrecord, synthetic_images (did you mean "
+     "'mnist1d'?)"),
     (["train", "--method", "sam", "--set", "sam.radius=0.1"],
      "method 'sam' has no hyper-parameter 'radius'; its hyper-parameters "
      "are: rho"),

@@ -358,6 +358,9 @@ def test_corrupt_latest_step_resume_step_finished_run_and_tmp_folders(
   assert "resuming saf seed 1 from step 5" in out
   assert "--step 5: the newer checkpoints are set aside" in out
   assert (ckpt / "10.superseded").is_dir()
+  # Step 5 itself stays: the run can still be resumed from where it was.
+  assert not (ckpt / "5.superseded").exists()
+  assert 5 in _checkpoint.Checkpointer(ckpt).steps()
   final, meta = _leaves(ckpt)
   want, want_meta = _leaves(ref)
   assert meta["progress"] == want_meta["progress"] and meta[

@@ -554,3 +554,34 @@ def test_choosing_guide_claims_agree_with_the_benchmarks():
         < 0.13)
   assert not failures, ("docs/guides/choosing.md says what the benchmark "
                         "JSON no longer shows:\n" + "\n".join(failures))
+
+
+def test_reference_shows_exported_names_and_each_method_once_in_the_sidebar(
+    site):
+  """A private path of an exported type (a state's field typed
+  ``sharpjax._src.perturbed.Diagnostics``) reads as ``sharpjax.Diagnostics``;
+  the method pages are listed once in the navigation."""
+  shown = []
+  for page in site.pages():
+    if page.parent.name not in ("api", "methods"):
+      continue
+    for path in set(re.findall(r"sharpjax\._src\.[\w.]+",
+                               _text(page.read_text()))):
+      if hasattr(sharpjax, path.rsplit(".", 1)[1]):
+        shown.append(f"{page.name}: {path}")
+  assert not shown, shown
+  html = site.page("index.html")
+  start = html.index('class="sidebar-tree"')
+  sidebar = html[start:html.index("<article", start)]
+  for name in TRANSFORMATIONS:
+    assert sidebar.count(f'href="methods/{name}.html"') == 1, name
+
+
+def test_cli_reference_lists_the_presets_one_per_item(site):
+  """The presets `compare --help` prints one per line are a list on the
+  page, not one run-on sentence."""
+  from sharpjax.cli import _setup  # pylint: disable=g-import-not-at-top
+  html = site.page("cli.html")
+  for name in _setup.PRESETS:
+    assert re.search(r'<li><p><code [^>]*><span class="pre">'
+                     + re.escape(name) + "</span></code>", html), name

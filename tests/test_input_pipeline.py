@@ -96,7 +96,7 @@ def test_sources_npz_array_record_and_cifar_folder(tmp_path):
   rng = np.random.default_rng(0)
   for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
     entry = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-             b"labels": list(rng.integers(0, 10, 4))}
+             b"labels": rng.integers(0, 10, 4).tolist()}  # ints, as the release
     with open(folder / name, "wb") as f:
       pickle.dump(entry, f)
   train, test = data.load_cifar(str(tmp_path / "cifar"))
@@ -200,6 +200,18 @@ def test_iterator_state_in_the_train_state_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no data iterator state"):
     launch.restore_state(ckpt, {"w": jnp.zeros(3)}, step=6,
                          data_iterator=loader.batches(0, 12))
+  # A checkpoint of 2 processes' iterators (as 2 processes write it) read by
+  # this 1 process: an error naming the counts and what to do, not orbax's
+  # "process_0-of-1.json does not exist".
+  folder = os.path.join(ckpt, "5", "data")
+  os.rename(os.path.join(folder, "process_0-of-1.json"),
+            os.path.join(folder, "process_0-of-2.json"))
+  with pytest.raises(launch.CheckpointError,
+                     match=r"another number of processes \(process_0-of-2"
+                     r"\.json\); this run has 1: restore without "
+                     "data_iterator="):
+    launch.restore_state(ckpt, {"w": jnp.zeros(3)}, step=5,
+                         data_iterator=loader.batches(0, 12))
 
 
 def test_prefetch_to_device_keeps_batches_in_flight_in_order():
@@ -250,3 +262,81 @@ def test_data_loader_batches_cross_epochs_and_resume():
       np.testing.assert_array_equal(g["ids"], w["ids"])
   endless = data.DataLoader(ds, 8, seed=4, prefetch=0).batches(2 * spe)
   np.testing.assert_array_equal(next(endless)["ids"], flat[2 * spe]["ids"])
+
+
+_KILLED_PROGRAM = """
+import time
+import numpy as np
+from sharpjax import data
+if __name__ == "__main__":  # the worker is spawned: it imports this file
+  ds = data.ArrayDataset(np.zeros((64, 4), np.float32), np.arange(64) % 2, 2)
+  it = data.GrainLoader(ds, 8, worker_count=1).batches(0, None)
+  next(it)
+  print("ready", flush=True)
+  time.sleep(600)
+"""
+
+
+def _children(pid):
+  """``{pid: command line}`` of the live processes whose parent is ``pid``."""
+  out = {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmd = f.read().replace(b"\0", b" ").decode()
+    except OSError:
+      continue
+    if int(fields[1]) == pid and fields[0] != "Z":
+      out[int(entry)] = cmd
+  return out
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+  """kill -9 of a process reading from a GrainLoader with a worker process:
+  the worker (and multiprocessing's resource tracker, which lives as long as
+  a worker holds its pipe) end by themselves instead of living on."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  script = tmp_path / "reader.py"
+  script.write_text(_KILLED_PROGRAM)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.Popen([sys.executable, str(script)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  kids = {}
+  try:
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", line + proc.stdout.read()
+    kids = _children(proc.pid)
+    assert any("multiprocessing" in c and "spawn" in c
+               for c in kids.values()), kids  # the grain worker
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 60  # a liveness bound, not a timing
+    while any(_alive(p) for p in kids) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not [p for p in kids if _alive(p)], {
+        p: c for p, c in kids.items() if _alive(p)}
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    for p in kids:  # what a failing run left: ours, by id
+      if _alive(p):
+        os.kill(p, signal.SIGKILL)

@@ -35,6 +35,12 @@ def _count(model, shape):
         (models.WideResNet(), (1, 32, 32, 3), 36_479_194),
         (models.WideResNet(depth=16, widen_factor=8), (1, 32, 32, 3),
          10_961_370),
+        # ResNet-50 and ViT-S/16 (the recipes' ImageNet models): the figures
+        # of torchvision's resnet50 and timm's vit_small_patch16_224.
+        (models.ResNet50(num_classes=1000), (1, 224, 224, 3), 25_557_032),
+        (models.ViT(num_classes=1000, patch_size=16, hidden_size=384,
+                    depth=12, num_heads=6, mlp_dim=1536), (1, 224, 224, 3),
+         22_050_664),
     ],
 )
 def test_parameter_counts(model, shape, expected):
@@ -57,6 +63,8 @@ def test_vit_parameter_count_matches_formula():
         (models.CNN1D(num_classes=3, channels=4), (4, 40, 1)),
         (models.ResNet(stage_sizes=(1, 1), width=4, num_classes=3),
          (4, 16, 16, 3)),
+        (models.ImageNetResNet(stage_sizes=(1, 1), width=4, num_classes=3),
+         (4, 32, 32, 3)),
         (models.WideResNet(depth=10, widen_factor=1, num_classes=3,
                            dropout_rate=0.3), (4, 16, 16, 3)),
         (models.ViT(num_classes=3, patch_size=4, hidden_size=16, depth=1,

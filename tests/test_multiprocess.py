@@ -406,6 +406,31 @@ def test_launcher_timeout_stops_a_hanging_run(tmp_path):
                    r"\[(0, )?1\]", log), log
 
 
+def test_launcher_output_is_one_line_per_message(tmp_path):
+  """A worker's output arrives whole lines at a time: a line written in
+  pieces on stdout is not split by a line on stderr written in between (as
+  the runtime's gloo lines were, into print()'s text and its newline), and
+  every line carries its process's prefix."""
+  script = tmp_path / "pieces.py"
+  script.write_text(
+      "import os, sys\n"
+      "sys.stdout.write('first half, '); sys.stdout.flush()\n"
+      "os.write(2, b'[Gloo] a line of the runtime\\n')\n"
+      "print('second half')\n"
+      "print('x' * 5000)\n")
+  cmd = [sys.executable, "-m", "sharpjax.launch", "-n", "2", "-d", "1",
+         "--timeout", "120", "--", str(script)]
+  proc = subprocess.run(cmd, cwd=tmp_path, env=_env(1, str(tmp_path / "c")),
+                        capture_output=True, text=True, timeout=LIMIT)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = proc.stdout.splitlines()
+  for i in (0, 1):
+    assert f"[{i}] first half, second half" in lines, lines
+    assert f"[{i}] [Gloo] a line of the runtime" in lines, lines
+    assert f"[{i}] " + "x" * 5000 in lines
+  assert all(re.match(r"\[(0|1|launch)\] ", line) for line in lines), lines
+
+
 def test_launcher_rejects_bad_arguments(capsys):
   from sharpjax import launch  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="num_processes"):

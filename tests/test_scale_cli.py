@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
@@ -144,7 +145,7 @@ def test_cifar_resnet18_bfloat16_on_every_device(tmp_path, capsys):
   for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
     with open(folder / name, "wb") as f:
       pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
-                   b"labels": list(rng.integers(0, 10, 16))}, f)
+                   b"labels": rng.integers(0, 10, 16).tolist()}, f)
   out, tb = tmp_path / "run", tmp_path / "runs" / "tb"
   assert main(["train", "--data", "cifar10", "--data-dir",
                str(tmp_path / "cifar"), "--model", "resnet18", "--width", "4",
@@ -198,19 +199,25 @@ def _launch(tmp_path, *args):
 
 
 def test_two_processes_grain_fed_resume_sees_the_same_batches(
-    one_device, tmp_path):
+    one_device, tmp_path, capsys):
   """2 processes x 2 devices, grain-fed, SAF's bank sharded over both
   processes: the uninterrupted run equals the one-device run; a run stopped
   at step 13 (mid-epoch, checkpoints at 10 and 13) and resumed from its
   checkpoint, grain position included, ends with the same epochs. The
   checkpoint holds each process's grain state at the step it was taken
-  (not the prefetched batches ahead of it)."""
+  (not the prefetched batches ahead of it). Resumed by one process instead
+  (grain or numpy loader, other devices), it ends with the same epochs
+  too."""
   grain_run = [*RUN, "--loader", "grain", "--shard-example-tables"]
   full = str(tmp_path / "full")
   log = _launch(tmp_path, *grain_run, "--out", full)
   assert "[0] sharpjax train: saf seed 0" in log
   assert "on 4 cpu devices (cpu) in 2 processes" in log
   assert "[1] sharpjax train" not in log  # process 0 alone reports
+  for i in (0, 1):  # and each process says it is there, once
+    line = (f"[{i}] process {i} of 2: rows {16 * i} to {16 * i + 15} of "
+            "every global batch of 32, on 2 local devices")
+    assert log.count(line) == 1, log[-3000:]
   payload, history = _history(full)
   assert payload["parallel"]["processes"] == 2
   assert payload["parallel"]["devices"] == 4
@@ -223,9 +230,30 @@ def test_two_processes_grain_fed_resume_sees_the_same_batches(
   for i in (0, 1):
     with open(os.path.join(step_dir, f"process_{i}-of-2.json")) as f:
       assert json.load(f)["next_index"] == 13
+  # The same checkpoint resumed by ONE process (4 devices, grain; 1 device,
+  # numpy): grain's per-process states do not fit, the loader starts at the
+  # step instead, and the run ends with the same epochs.
+  for name, flags in (("grain", ["--devices", "4"]),
+                      ("numpy", ["--devices", "1", "--loader", "numpy"])):
+    one = str(tmp_path / f"one_{name}")
+    shutil.copytree(cut, one)
+    run = [a for a in grain_run if a != "--shard-example-tables" or
+           name == "grain"]
+    assert main([*run, "--out", one, "--save-every", "5", "--resume",
+                 *flags]) == 0
+    log = capsys.readouterr().out
+    assert "resuming saf seed 0 from step 13" in log
+    if name == "grain":
+      assert ("the grain iterator state of checkpoint 13 is not used (the "
+              "checkpoint was written by 2 processes, this run has 1)") in log
+    payload, history = _history(one)
+    assert payload["complete"] and payload["parallel"]["processes"] == 1
+    assert payload["loader"]["kind"] == name
+    _same_history(history, _history(full)[1])
   log = _launch(tmp_path, *grain_run, "--out", cut, "--save-every", "5",
                 "--resume")
   assert "[0] resuming saf seed 0 from step 13" in log
+  assert "is not used" not in log  # the same pipeline: its state restored
   payload, history = _history(cut)
   assert payload["complete"]
   _same_history(history, _history(full)[1])

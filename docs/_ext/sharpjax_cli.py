@@ -86,8 +86,35 @@ def _epilog(parser) -> list[str]:
   return [x for p in _paragraphs(parser.epilog) for x in (_escape(p), "")]
 
 
+# A line "  name     text" (two spaces, a name, two or more spaces) starts an
+# item of a list printed by the parser (the presets of `compare`); deeper
+# indented lines continue it.
+_ITEM = re.compile(r"^  (\S+)\s{2,}(.*)$")
+
+
+def _paragraph_rst(paragraph: str) -> list[str]:
+  """One paragraph of help text as reST lines: its list lines (``_ITEM``) as
+  a bullet list, so they do not run into one sentence."""
+  lead, items = [], []
+  for line in paragraph.splitlines():
+    match = _ITEM.match(line)
+    if match:
+      items.append([match.group(1), match.group(2)])
+    elif items and line.startswith("   "):
+      items[-1][1] += " " + line.strip()
+    elif items:
+      return [_escape(paragraph), ""]  # not a list after all
+    else:
+      lead.append(line)
+  out = [_escape("\n".join(lead)), ""] if "".join(lead).strip() else []
+  if items:
+    out += [f"- ``{name}``: {_escape(text)}" for name, text in items] + [""]
+  return out
+
+
 def _description(parser) -> list[str]:
-  return [x for p in _paragraphs(parser.description) for x in (_escape(p), "")]
+  return [x for p in _paragraphs(parser.description)
+          for x in _paragraph_rst(p)]
 
 
 def _options(parser, is_sub: bool = False) -> list[str]:

@@ -98,7 +98,40 @@ def _process_signature(app, what, name, obj, options, signature,
   return signature, return_annotation
 
 
+def _exported(target: str) -> str | None:
+  """``sharpjax.Name`` for ``sharpjax._src.module.Name`` when sharpjax
+  exports that name (the public path of a private type), else None."""
+  parts = target.split(".")
+  if parts[0] != "sharpjax" or "_src" not in parts:
+    return None
+  import sharpjax  # pylint: disable=g-import-not-at-top
+  if getattr(sharpjax, parts[-1], None) is None:
+    return None
+  return f"sharpjax.{parts[-1]}"
+
+
+def _publish_private_paths(app, doctree):
+  """References written with a private path (autodoc's field types, such as
+  a state's ``diagnostics: sharpjax._src.perturbed.Diagnostics``) point to
+  and read as the exported name. Sphinx may resolve the private path by
+  itself (a suffix match), so this runs before resolution."""
+  del app
+  from sphinx import addnodes  # pylint: disable=g-import-not-at-top
+  for node in doctree.findall(addnodes.pending_xref):
+    if node.get("refdomain") != "py":
+      continue
+    old = node.get("reftarget", "")
+    new = _exported(old)
+    if new is None:
+      continue
+    node["reftarget"] = new
+    for text in list(node.findall(nodes.Text)):
+      if old in text:
+        text.parent.replace(text, nodes.Text(str(text).replace(old, new)))
+
+
 def setup(app):
+  app.connect("doctree-read", _publish_private_paths)
   # Before intersphinx's own handler (priority 500), which would find nothing
   # under the private path.
   app.connect("missing-reference", _missing_reference, priority=400)

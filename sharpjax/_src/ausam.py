@@ -186,7 +186,14 @@ def ausam(
   first epoch to initialise the scores; an example never sampled instead
   counts as having its batch's largest score, so it is drawn early.
   Sampling uses the Gumbel top-k trick. ``transition_steps`` counts steps,
-  where the paper counts epochs (30).
+  where the paper counts epochs (30). The sample holds
+  :math:`\lceil\alpha b\rceil` examples, the official code
+  ``int(alpha * b)`` (rounded down): the same whenever :math:`\alpha b` is a
+  whole number (the paper's 0.5 of 256), one more example otherwise (a batch
+  of 5 at ``keep=0.5`` trains on 3, the official code on 2), and never an
+  empty sample (the official code draws none when :math:`\alpha b < 1`). To
+  draw the official count on a batch of :math:`b`, pass
+  ``keep=int(alpha * b) / b``.
 
   Sample ids: an id outside ``[0, num_examples)`` (negative ones included,
   and ids beyond int32, checked in their own dtype before any narrowing)
@@ -311,8 +318,8 @@ def ausam(
     target = safe_ids[sample]
     if axis_name is not None:
       # Every device writes every device's rows, so the tables stay equal.
-      target, new_scores, new_visits = jax.lax.all_gather(
-          (target, new_scores, new_visits), axis_name, tiled=True
+      target, new_scores, new_visits = perturbed_lib.gather_examples(
+          (target, new_scores, new_visits), axis_name
       )
     # The state this step leads to; the wrapper advances count and stores the
     # diagnostics, the other fields are the step's memory.

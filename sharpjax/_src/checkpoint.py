@@ -376,12 +376,84 @@ def read_meta(directory: str, step: int) -> dict:
   return meta
 
 
-def _read_step(directory: str, step: int, template: Any) -> tuple[Any, dict]:
-  """Reads and verifies one step onto ``template``'s layout."""
+def _example_axes(tree: Any) -> list[int]:
+  """Per leaf of ``tree``: the example axis of a per-example table, else -1."""
+  from sharpjax._src import protocol  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(protocol.map_example_tables(
+      lambda leaf, axis: axis, tree, lambda leaf: -1))
+
+
+def _rows_only(saved: list, expected: list, axes: list) -> Optional[dict]:
+  """``{leaf index: example axis}`` when the checkpoint differs from the
+  template only in the rows of per-example tables; else None."""
+  if len(saved) != len(expected):
+    return None
+  fit = {}
+  for i, (a, b, axis) in enumerate(zip(saved, expected, axes)):
+    if (a["shape"], a["dtype"]) == (b["shape"], b["dtype"]):
+      continue
+    if (axis < 0 or a["dtype"] != b["dtype"]
+        or len(a["shape"]) != len(b["shape"])
+        or any(x != y for k, (x, y) in enumerate(zip(a["shape"], b["shape"]))
+               if k != axis)):
+      return None
+    fit[i] = axis
+  return fit
+
+
+def _read_sharding(x: Any, shape: tuple) -> Any:
+  """``x``'s sharding for an array of ``shape``, replicated over the same
+  devices when ``shape`` does not divide over them."""
+  sharding = x.sharding
+  try:
+    sharding.shard_shape(shape)
+    return sharding
+  except ValueError:
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh,
+                                        jax.sharding.PartitionSpec())
+    return sharding
+
+
+def _fit_rows(x: jax.Array, template: jax.Array, axis: int, where: str
+              ) -> jax.Array:
+  """A per-example table read with the checkpoint's rows, given the
+  template's: rows past the template's are dropped (they must be padding,
+  untouched since ``init``), missing rows come from the template (a fresh
+  ``init``'s)."""
+  n, m = template.shape[axis], x.shape[axis]
+  if m > n:
+    extra = jax.lax.slice_in_dim(x, n, m, axis=axis)
+    fresh = jax.lax.slice_in_dim(template, 0, 1, axis=axis)
+    if not bool(jax.jit(lambda a, b: jax.numpy.all(a == b))(extra, fresh)):
+      raise CheckpointError(
+          f"{where}: its rows {n}..{m - 1} hold values, but this run's "
+          f"table has {n} rows; they are not padding: resume with the "
+          "training set the checkpoint was written with.")
+
+  def fit(a, t):
+    if m >= n:
+      return jax.lax.slice_in_dim(a, 0, n, axis=axis)
+    return jax.numpy.concatenate(
+        [a, jax.lax.slice_in_dim(t, m, n, axis=axis)], axis=axis)
+
+  return jax.jit(fit, out_shardings=template.sharding)(x, template)
+
+
+def _read_step(directory: str, step: int, template: Any,
+               fit_rows: bool = False) -> tuple[Any, dict]:
+  """Reads and verifies one step onto ``template``'s layout.
+
+  With ``fit_rows``, per-example tables (``EXAMPLE_AXES``) saved with
+  another number of rows than the template's (a run whose tables were
+  rounded up to a multiple of its devices, resumed on another number of
+  devices) are read at their saved shape and fitted to the template's
+  (:func:`_fit_rows`).
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   meta = read_meta(directory, step)
   stored = _keys_as_data(template)
-  record = None
+  record, fit, saved_shapes = None, {}, []
   if os.path.isdir(os.path.join(_step_dir(directory, step), "integrity")):
     mngr = _manager(directory, None, create=False)
     try:
@@ -395,14 +467,22 @@ def _read_step(directory: str, step: int, template: Any) -> tuple[Any, dict]:
       mngr.close()
     expected = signature(stored)
     saved = [{k: d.get(k) for k in ("path", "shape", "dtype")} for d in leaves]
+    if fit_rows:
+      fit = _rows_only(saved, expected, _example_axes(stored)) or {}
+      saved_shapes = [tuple(d["shape"]) for d in saved]
     if [(d["shape"], d["dtype"]) for d in saved] != [
-        (d["shape"], d["dtype"]) for d in expected]:
+        (d["shape"], d["dtype"]) for d in expected] and not fit:
       raise CheckpointError(f"checkpoint {directory} step {step} does not "
                             "fit the template: "
                             + _signature_diff(saved, expected))
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-      if isinstance(x, jax.Array) else x, stored)
+  flat, treedef = jax.tree.flatten(stored)
+  abstract = [
+      (jax.ShapeDtypeStruct(saved_shapes[i], x.dtype,
+                            sharding=_read_sharding(x, saved_shapes[i]))
+       if i in fit else
+       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding))
+      if isinstance(x, jax.Array) else x for i, x in enumerate(flat)]
+  abstract = jax.tree.unflatten(treedef, abstract)
   mngr = _manager(directory, None, create=False)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
@@ -422,6 +502,10 @@ def _read_step(directory: str, step: int, template: Any) -> tuple[Any, dict]:
       if "sha256" in d and _addressable(x) and _sha256(x) != d["sha256"]:
         raise _Corrupt(f"leaf {d['path']} does not match its recorded "
                        "SHA-256 (its bytes changed on disk)")
+  for i, axis in fit.items():
+    arrays[i] = _fit_rows(arrays[i], flat[i], axis,
+                          f"checkpoint {directory} step {step}, leaf "
+                          f"{saved[i]['path']}")
   state = jax.tree.unflatten(jax.tree.structure(stored), arrays)
   return _data_as_keys(state, template), meta
 
@@ -450,7 +534,8 @@ def set_aside(directory: str, step: int,
 def restore(directory: str, template: Any, step: Optional[int] = None, *,
             fallback: Optional[bool] = None,
             check: Optional[Callable[[int, dict], None]] = None,
-            rename: bool = True, data_iterator: Any = None) -> Restored:
+            rename: bool = True, data_iterator: Any = None,
+            fit_example_rows: bool = False) -> Restored:
   """Reads a checkpoint onto ``template``'s layout, verified; see below.
 
   Args:
@@ -468,6 +553,10 @@ def restore(directory: str, template: Any, step: Optional[int] = None, *,
     data_iterator: a fresh grain iterator of the pipeline saved with the
       step: set to this process's saved position when the step holds one
       (``meta["data_restored"]`` says whether it did).
+    fit_example_rows: per-example tables (SAF's bank, AUSAM's scores)
+      saved with another number of rows than the template's are fitted to
+      it (padding rows dropped or added), so that a run whose tables were
+      rounded up to a multiple of its devices resumes on other devices.
 
   Returns:
     :class:`Restored` ``(state, meta, step, skipped)``.
@@ -499,7 +588,7 @@ def restore(directory: str, template: Any, step: Optional[int] = None, *,
       meta = read_meta(directory, s)
       if check is not None:
         check(s, meta)
-      state, meta = _read_step(directory, s, template)
+      state, meta = _read_step(directory, s, template, fit_example_rows)
     except _Corrupt as e:
       skipped.append((s, str(e)))
       continue
@@ -529,6 +618,16 @@ def _restore_data(directory: str, step: int, data_iterator: Any) -> bool:
       os.path.join(_step_dir(directory, step), "data")):
     return False
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(_step_dir(directory, step), "data")
+  mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  saved = sorted(n for n in os.listdir(folder) if n.startswith("process_"))
+  if saved and mine not in saved:
+    raise CheckpointError(
+        f"checkpoint {directory} step {step} holds the data iterator "
+        f"states of another number of processes ({', '.join(saved[:4])}); "
+        f"this run has {jax.process_count()}: restore without "
+        "data_iterator= and start the iterator at the checkpoint's step "
+        "(a sharpjax GrainLoader's batches depend on the step alone).")
   mngr = _manager(directory, None, create=False)
   try:
     mngr.restore(step, args=ocp.args.Composite(

@@ -34,6 +34,8 @@ class MESAState(NamedTuple):
   - ``TRACKS_MODEL_STATE = True``: the teacher keeps an EMA of the model state
     (e.g. BatchNorm statistics) once :func:`init_teacher_model_state` is
     called, and then ``update`` wants the ``model_state`` extra argument.
+  - ``PASSES_GRADIENT = True``: ``update`` hands the gradient on unchanged
+    (see :class:`SAFState`).
   """
 
   count: jax.Array
@@ -47,6 +49,7 @@ class MESAState(NamedTuple):
   diagnostics: trajectory_loss.TrajectoryDiagnostics
 
   TRACKS_MODEL_STATE = True
+  PASSES_GRADIENT = True
 
   def trajectory_penalty(
       self, logits: jax.Array, *, ids=None,
@@ -195,7 +198,9 @@ def mesa(
       ``mesa_auto_decay(total_steps)``.
     temperature: :math:`\tau` (> 0; paper: 5).
     strength: :math:`\lambda` (>= 0; paper: 0.8).
-    start_epoch: first epoch with the penalty (>= 0; paper: 5).
+    start_epoch: first epoch with the penalty (>= 0; paper: 5). The
+      official code's ``--kl_start_epoch K`` turns the penalty on for epochs
+      ``> K``: pass ``start_epoch=K + 1``.
     steps_per_epoch: optimizer steps per epoch, to place ``start_epoch``;
       needed when ``start_epoch > 0``.
     total_steps: the planned number of optimizer steps (>= 1); needed by

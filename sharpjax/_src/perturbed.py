@@ -231,9 +231,82 @@ def gradient_pass(
     return jnp.mean(losses.astype(jnp.float32)), (losses, aux)
 
   (loss, (losses, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(
-      params
+      vary_like(params, batch)
   )
   return PerturbedPass(loss, grads, losses, aux)
+
+
+def _varying_axes(x: Any) -> frozenset:
+  """The mesh axes a value varies over inside ``shard_map`` (its vma)."""
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  mat = getattr(aval, "mat", None)  # JAX >= 0.10
+  axes = getattr(mat, "varying", None) if mat is not None else None
+  if axes is None:
+    axes = getattr(aval, "vma", None)  # JAX 0.6 - 0.9
+  return frozenset(axes or ())
+
+
+def _cast_varying(x: Any, axes: tuple) -> Any:
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)
+
+
+def vary_like(params: Any, batch: Any) -> Any:
+  r"""``params`` marked as varying over the mesh axes ``batch`` varies over.
+
+  Inside ``jax.shard_map`` with ``check_vma=True`` (the default), JAX
+  differentiates a replicated (device-invariant) input of a per-device loss
+  through an implicit ``pvary``, whose transpose is a ``psum``: the gradient
+  it returns is already the *sum* of the devices' gradients, and the
+  ``pmean`` that follows leaves an invariant value unchanged, so a step that
+  averages per-device gradients would get :math:`n` times the mean. Taking
+  the gradient at a point marked as varying (``jax.lax.pcast(..., to=
+  "varying")``, formerly ``pvary``) gives each device its own gradient, which
+  the caller averages. Outside ``shard_map`` (``jit``, ``pmap``, a named
+  ``vmap``) no value carries such axes and ``params`` is returned as is.
+  """
+  axes = frozenset().union(*map(_varying_axes, jax.tree.leaves(batch)))
+  if not axes:
+    return params
+
+  def cast(w):
+    missing = tuple(sorted(axes - _varying_axes(w), key=str))
+    return _cast_varying(w, missing) if missing else w
+
+  return jax.tree.map(cast, params)
+
+
+def gather_examples(tree: Any, axis_name: str) -> Any:
+  """Every device's rows of ``tree``, concatenated along the first axis.
+
+  ``jax.lax.all_gather(..., tiled=True)`` whose result is the same on every
+  device, also as a type: inside ``jax.shard_map`` with ``check_vma=True``
+  a plain ``all_gather`` still counts as varying by device, so a state
+  written from it (SAF's logit bank, AUSAM's score table) could not leave
+  the map replicated (``out_specs=P()``). Under ``pmap`` it is
+  ``all_gather``. For a loop of one's own that passes ``logits=`` and
+  ``ids=`` of the whole global batch to :func:`sharpjax.saf` or
+  :func:`sharpjax.mesa`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, sharpjax as sj
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> gather = jax.shard_map(lambda x: sj.gather_examples(x, "data"),
+    ...                        mesh=mesh, in_specs=P("data"), out_specs=P())
+    >>> gather(jnp.arange(3))
+    Array([0, 1, 2], dtype=int32)
+  """
+  from jax._src.lax import parallel  # pylint: disable=g-import-not-at-top
+  invariant = getattr(parallel, "all_gather_invariant", None)
+
+  def gather(x):
+    if invariant is not None and axis_name in _varying_axes(x):
+      return invariant(x, axis_name, axis=0, tiled=True)
+    return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+  return jax.tree.map(gather, tree)
 
 
 def _is_narrow_float(x: Any) -> bool:

@@ -45,6 +45,10 @@ class SAFState(NamedTuple):
   - ``EXAMPLE_AXES``: the per-example tables, field name -> the axis indexed
     by example id (``logit_bank`` and ``recorded_epoch``, axis 1). A trainer
     may shard these fields by example along that axis.
+  - ``PASSES_GRADIENT = True``: ``update`` hands the gradient on unchanged,
+    so SAF may precede a SAM-family transformation in a chain
+    (:func:`sharpjax.check_chain`); it must see every batch, so not inside
+    ``optax.MultiSteps``.
   """
 
   count: jax.Array
@@ -57,6 +61,7 @@ class SAFState(NamedTuple):
   diagnostics: trajectory_loss.TrajectoryDiagnostics
 
   EXAMPLE_AXES = {"logit_bank": 1, "recorded_epoch": 1}
+  PASSES_GRADIENT = True
 
   def trajectory_penalty(
       self, logits: jax.Array, *, ids: jax.Array | None = None,
@@ -177,7 +182,8 @@ def saf(
     temperature: :math:`\tau` (> 0; paper: 5).
     strength: :math:`\lambda` (>= 0; paper: 0.3).
     start_epoch: :math:`E_{start}`, the first epoch with the penalty (>= 0;
-      paper: 5).
+      paper: 5). The official code's ``--kl_start_epoch K`` turns the
+      penalty on for epochs ``> K``: pass ``start_epoch=K + 1``.
     bank_dtype: float32 (default) or bfloat16 (half the memory).
     check_memory: refuse, at construction, a bank larger than the free memory
       of the default device (host RAM on CPU) instead of failing later with an
@@ -262,7 +268,7 @@ def saf(
       )
     # The written rows depend on the rows read here (the same rows the penalty
     # read): without that data dependency XLA copies the whole donated bank on
-    # every step to order the scatter after the gather (performance-notes.md).
+    # every step to order the scatter after the gather.
     epoch, slot, rows, in_range, old_logits, old_epochs = _this_epochs_rows(
         state, logits, ids, "saf")
     # An id already written this epoch (a sampler that repeats it) keeps its

@@ -8,7 +8,7 @@ batch.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax.numpy as jnp
 import optax
@@ -22,6 +22,7 @@ def sam(
     rho: base.ScalarOrSchedule = 0.05,
     *,
     axis_name: Optional[str] = None,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization.
 
@@ -42,6 +43,16 @@ def sam(
       schedule (or an injected value) below 0 is clipped to 0 in the step.
     axis_name: see :func:`sharpjax.sharpness_aware`; only for ``pmap`` /
       ``shard_map``.
+    mask: perturb only the selected parameters (a pytree of bools shaped
+      like them, or a function of them returning one): :math:`\epsilon =
+      \rho\, g_S / \|g_S\|_2` on the selected leaves :math:`S`, zero
+      elsewhere, and every leaf descends along the gradient at
+      :math:`w + \epsilon` (the loss always sees all parameters; SAM-ON,
+      Mueller et al., NeurIPS 2023, selects the normalization layers). The
+      form that works for "SAM on some parameters": ``optax.masked`` or
+      ``optax.multi_transform`` around SAM are refused. None: all. (With
+      ``optax.inject_hyperparams``, name a callable mask in ``static_args``:
+      callables are taken for schedules.)
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain. Its
@@ -78,7 +89,8 @@ def sam(
     )
     return inputs.ascend(eps, grad_norm=grad_norm)
 
-  return wrapper.sharpness_aware(step, name="sam", axis_name=axis_name)
+  return wrapper.sharpness_aware(step, name="sam", axis_name=axis_name,
+                                 mask=mask)
 
 
 def asam(
@@ -87,6 +99,7 @@ def asam(
     *,
     adaptive_mask: Optional[ascent.AdaptiveMask] = None,
     axis_name: Optional[str] = None,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM: a scale-invariant neighbourhood.
 
@@ -113,6 +126,7 @@ def asam(
       ``bias``/``beta``/``b``. (With ``optax.inject_hyperparams``, name a
       callable mask in ``static_args``: callables are taken for schedules.)
     axis_name: see :func:`sharpjax.sharpness_aware`.
+    mask: perturb only the selected parameters, as in :func:`sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``, called as :func:`sam`.
@@ -140,4 +154,5 @@ def asam(
     )
     return inputs.ascend(eps, grad_norm=grad_norm)
 
-  return wrapper.sharpness_aware(step, name="asam", axis_name=axis_name)
+  return wrapper.sharpness_aware(step, name="asam", axis_name=axis_name,
+                                 mask=mask)

@@ -189,6 +189,38 @@ def check_axis(name: str, axis_name: Optional[str],
     )
 
 
+def _has_masked_nodes(tree: Any) -> bool:
+  """Whether ``tree`` comes from inside ``optax.masked`` / ``multi_transform``
+  (the leaves left out are ``optax.MaskedNode``)."""
+  is_node = lambda x: isinstance(x, optax.MaskedNode)
+  return any(is_node(x) for x in jax.tree.leaves(tree, is_leaf=is_node))
+
+
+def _masked_pass_failed(name: str, error: Exception) -> ValueError:
+  """One line for a perturbed pass that met the parameters a mask left out."""
+  return ValueError(
+      f"sharpjax.{name} inside optax.masked or optax.multi_transform gets "
+      "only the selected parameters, and loss_fn failed on that partial tree "
+      f"({type(error).__name__}); perturb only some parameters with "
+      f"sj.{name}(..., mask=mask) first in the chain instead: "
+      "optax.chain(sj.sam(rho, mask=mask), base_optimizer)."
+  )
+
+
+def _apply_mask(mask: Any, grads: Any, params: Any) -> Any:
+  """``grads`` with the leaves outside ``mask`` set to zero."""
+  selected = mask(params) if callable(mask) else mask
+  try:
+    return jax.tree.map(
+        lambda keep, g: (
+            (g if keep else jnp.zeros_like(g)) if isinstance(keep, bool)
+            else jnp.where(keep, g, jnp.zeros_like(g))), selected, grads)
+  except ValueError as e:
+    raise ValueError(
+        "mask must be a pytree of bools with the structure of the parameters "
+        f"(or a function of the parameters returning one): {e}") from None
+
+
 def sharpness_aware(
     step_fn: StepFn,
     *,
@@ -196,6 +228,7 @@ def sharpness_aware(
     axis_name: Optional[str] = None,
     init_memory: Optional[Callable[[Any], dict]] = None,
     state_type: type = SharpnessAwareState,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a SAM-family transformation from its step.
 
@@ -235,7 +268,20 @@ def sharpness_aware(
     state_type: the state ``NamedTuple`` (default
       :class:`SharpnessAwareState`): the fields ``count`` and ``diagnostics``
       plus one per key of ``init_memory(params)``, whose leaves keep their
-      dtypes and shapes from step to step.
+      dtypes and shapes from step to step. The wrapper declares it
+      ``FIRST_IN_CHAIN`` (see :func:`sharpjax.check_chain`).
+    mask: perturb only some parameters (SAM-ON, Mueller et al., NeurIPS
+      2023, perturbs the normalization layers only): a pytree of bools
+      shaped like the parameters, or ``params -> pytree of bools`` (as
+      ``optax.masked`` takes). The step sees the clean gradient of the
+      selected leaves and zeros elsewhere, so its perturbation (and norm)
+      covers the selected leaves only; the loss still sees every parameter,
+      and every leaf receives the method's direction (for SAM the gradient
+      at the perturbed point). None (default): every parameter. Only a
+      method whose perturbation comes from ``inputs.grads`` honours it
+      (:func:`sharpjax.sam` and :func:`sharpjax.asam` offer it; a step that
+      takes clean gradients of its own, mSAM's per chunk, AUSAM's on its
+      sample, would not see it).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` to put first in a chain.
@@ -277,6 +323,11 @@ def sharpness_aware(
         f"state_type has memory fields {memory_fields}; pass init_memory."
     )
 
+  # Every state built here belongs to a SAM-family transformation: it needs
+  # the clean gradient, so it goes first in a chain (sharpjax.check_chain).
+  if not hasattr(state_type, "FIRST_IN_CHAIN"):
+    state_type.FIRST_IN_CHAIN = True
+
   def keep_dtypes(new_memory, memory):
     return jax.tree.map(
         lambda n, o: jnp.asarray(n, o.dtype).reshape(o.shape), new_memory,
@@ -313,12 +364,23 @@ def sharpness_aware(
   ):
     perturbed_lib.require_extra_args(name, params, loss_fn, batch)
     check_axis(name, axis_name, data_axis_name)
+    grads = updates if mask is None else _apply_mask(mask, updates, params)
     memory = {f: getattr(state, f) for f in memory_fields}
-    step = step_fn(StepInputs(
-        grads=updates, params=params, count=state.count, memory=memory,
+    inputs = StepInputs(
+        grads=grads, params=params, count=state.count, memory=memory,
         loss_fn=loss_fn, batch=batch, has_aux=has_aux, value=value,
         extra=extra_args, axis_name=axis_name, name=name,
-    ))
+    )
+    if _has_masked_nodes(params):
+      # Inside optax.masked: a loss_fn that merges the selected leaves into
+      # the whole parameters itself works (sharpjax.tta does); any other
+      # fails on the MaskedNode leaves, which is said in one line.
+      try:
+        step = step_fn(inputs)
+      except (TypeError, ValueError, AttributeError) as e:
+        raise _masked_pass_failed(name, e) from None
+    else:
+      step = step_fn(inputs)
     direction, diagnostics = step.direction, step.diagnostics
     if axis_name is not None:
       direction, diagnostics = jax.lax.pmean(

@@ -13,7 +13,15 @@ What this module adds is the ``meta`` of a ``sharpjax train`` checkpoint:
 - ``progress``: the :class:`~sharpjax.cli._runner.Progress` (step, per-epoch
   history, the current epoch's running sums) and ``data_position``: the
   next batch is epoch ``step // steps_per_epoch``, batch
-  ``step % steps_per_epoch``.
+  ``step % steps_per_epoch``;
+- ``loader``: the input pipeline that wrote it (:func:`loader_settings`); a
+  grain iterator's saved state is used on ``--resume`` only by the same
+  pipeline (:func:`grain_state_usable`), any other run starts its loader at
+  the step (the batches of a step do not depend on the loader, the process
+  count or the worker count).
+
+It also writes the run's record, ``train.json``, at every checkpoint
+(:func:`write_train_json`).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from sharpjax._src import checkpoint as _ckpt
 
@@ -192,6 +200,10 @@ class Checkpointer:
               data_iterator: Any = None) -> tuple[Any, dict, int]:
     """Restores into ``template``'s layout; returns ``(state, meta, step)``.
 
+    Per-example tables rounded up to a multiple of the devices of the run
+    that saved them are fitted to the template's rows, so that the run
+    resumes on any number of devices (``--shard-example-tables`` or not).
+
     Args:
       template: a state of the same run (e.g. a fresh ``init``).
       run: the current run's definition; when given, it must equal the
@@ -216,10 +228,51 @@ class Checkpointer:
 
     try:
       r = _ckpt.restore(self.directory, template, step, check=check,
-                        rename=writer, data_iterator=data_iterator)
+                        rename=writer, data_iterator=data_iterator,
+                        fit_example_rows=True)
     except FileNotFoundError as e:
       raise CheckpointError(str(e)) from None
     return r.state, r.meta, r.step
+
+
+  def resume(self, template: Any, run: Mapping[str, Any],
+             step: Optional[int], loader_kind: str, loader: Any,
+             total_steps: int, log: Callable[[str], None]
+             ) -> tuple[Any, dict, int, Any, int]:
+    """``train --resume``: the state, and where the data goes on.
+
+    The run definition is compared before any array is read. A grain
+    iterator's saved state is restored only into the same pipeline
+    (:func:`grain_state_usable`, saying why not otherwise); else a grain
+    run's iterator starts at the checkpoint's step, which reads the same
+    batches.
+
+    Returns:
+      ``(state, meta, step, feed, data_start)``: ``feed`` the grain iterator
+      over ``[data_start, total_steps)`` (None with the numpy loader, which
+      restarts from the step by itself).
+    """
+    first, meta = self.check_run(run, step)  # before any array
+    why = grain_state_usable(meta.get("loader"),
+                             loader_settings(loader_kind, loader))
+    saved_kind = (meta.get("loader") or {}).get("kind")
+    if why is not None and loader_kind == "grain" and saved_kind == "grain":
+      log(f"note: the grain iterator state of checkpoint {first} is not used "
+          f"({why}); the loader starts at step {meta['progress']['step']}, "
+          "which reads the same batches.")
+    data_start = int(meta["loader"].get("start", 0)) if why is None else 0
+    feed = loader.batches(data_start, total_steps) if why is None else None
+    state, meta, step = self.restore(template, run, step, writer=True,
+                                     data_iterator=feed)
+    if meta["data_restored"] and (meta.get("loader") or {}).get(
+        "start", 0) != data_start:  # an older step of another start
+      meta["data_restored"] = False
+    if loader_kind == "grain" and not meta["data_restored"]:
+      if feed is not None:
+        feed.close()
+      data_start = int(meta["progress"]["step"])
+      feed = loader.batches(data_start, total_steps)
+    return state, meta, step, feed, data_start
 
 
 def load_run(directory: str, step: Optional[int] = None):
@@ -239,3 +292,112 @@ def load_run(directory: str, step: Optional[int] = None):
   runner = _runner.MethodRunner(env, run["method"], {}, run["hyper"])
   state, meta, step = ckpt.restore(runner.init_state(run["seed"]), run, step)
   return runner, state, meta, step
+
+
+# ---------------------------------------------------------------------------
+# The loader's part of a checkpoint, and train.json.
+# ---------------------------------------------------------------------------
+
+
+def loader_settings(kind: str, loader: Any, start: int = 0) -> dict:
+  """What a checkpoint and ``train.json`` record of a run's loader.
+
+  Args:
+    kind: ``"numpy"`` or ``"grain"`` (``--loader``).
+    loader: this process's :class:`~sharpjax.data.DataLoader` or
+      :class:`~sharpjax.data.GrainLoader`.
+    start: the global step the grain iterator whose state is saved started
+      at (its state counts from there).
+  """
+  out = {"kind": kind, "batch_size": int(loader.batch_size),
+         "seed": int(loader.seed), "shuffle": bool(loader.shuffle),
+         "processes": int(loader.num_shards),
+         "augment": (None if loader.augment is None
+                     else type(loader.augment).__name__)}
+  if kind == "grain":
+    out.update(workers=int(loader.worker_count),
+               worker_buffer_size=int(loader.worker_buffer_size),
+               read_threads=int(loader.read_threads), start=int(start))
+  else:
+    out.update(prefetch=int(loader.prefetch))
+  return out
+
+
+def grain_state_usable(saved: Optional[Mapping[str, Any]],
+                       current: Mapping[str, Any]) -> Optional[str]:
+  """None if a checkpoint's grain state restores into this run's loader.
+
+  Otherwise why not (the run then starts its loader at the checkpoint's
+  step, which gives the same batches): grain saves one state per process,
+  each with its workers' positions, so it fits only the same number of
+  processes and workers.
+
+  Args:
+    saved: the checkpoint's ``meta["loader"]`` (None: a checkpoint written
+      before loaders were recorded).
+    current: :func:`loader_settings` of this run.
+  """
+  if current.get("kind") != "grain":
+    return "this run uses the numpy loader"
+  if not saved:
+    return "the checkpoint does not record its loader"
+  if saved.get("kind") != "grain":
+    return f"the checkpoint was written with the {saved.get('kind')} loader"
+  for key, what in (("processes", "processes"), ("workers", "grain workers")):
+    if saved.get(key) != current.get(key):
+      return (f"the checkpoint was written by {saved.get(key)} {what}, this "
+              f"run has {current.get(key)}")
+  return None
+
+
+def write_train_json(path: str, *, command: str, run: Mapping[str, Any],
+                     progress: Mapping[str, Any], total_steps: int,
+                     checkpoint_dir: str, loader: Mapping[str, Any],
+                     parallel: Mapping[str, Any],
+                     result: Optional[Mapping[str, Any]] = None,
+                     extra: Optional[Mapping[str, Any]] = None) -> dict:
+  """Writes a ``sharpjax train`` run's record atomically; returns it.
+
+  Called at every checkpoint (``result`` None: the run goes on) and at the
+  end (``result``: the run's :class:`~sharpjax.cli._runner.RunResult`
+  dict), by process 0 only, through a temporary file and ``os.replace``: a
+  reader sees the previous record or the new one, never part of one.
+
+  Args:
+    path: ``OUT/train.json``.
+    command: the command line.
+    run: the run's definition (what a checkpoint's ``run`` holds).
+    progress: the run's :class:`~sharpjax.cli._runner.Progress` dict.
+    total_steps: steps of the whole run.
+    checkpoint_dir: where its checkpoints are.
+    loader: :func:`loader_settings`.
+    parallel: the devices and processes (``Devices.to_dict()``).
+    result: the finished (or stopped) run's summary, or None.
+    extra: more top-level fields (e.g. the resolved configuration).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from sharpjax.cli import _report  # pylint: disable=g-import-not-at-top
+  step = int(progress["step"])
+  payload = {
+      "command": command, "updated": _report.utc_now(),
+      "finished": _report.utc_now() if result is not None else None,
+      "run": dict(run), "step": step, "total_steps": int(total_steps),
+      "complete": result is not None and step >= total_steps,
+      "checkpoint_dir": checkpoint_dir, "loader": dict(loader),
+      "history": list(progress["history"]),
+      "result": None if result is None else dict(result),
+      "versions": _report.versions(), "device": _report.device_info(),
+      "parallel": dict(parallel), **(dict(extra) if extra else {})}
+  if jax.process_index() == 0:
+    _report.write_json(path, payload)
+  return payload
+
+
+def train_json_done(path: str, step: int) -> bool:
+  """Whether ``path`` is the final record of a run ended at ``step``."""
+  try:
+    with open(path) as f:
+      payload = json.load(f)
+    return payload.get("result") is not None and payload["step"] == step
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return False

@@ -48,12 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  default="float32",
                  help="computation dtype of the model (parameters, optimizer "
                  "state and loss stay float32; default float32)")
-  g.add_argument("--loader", choices=("numpy", "grain"), default="numpy",
+  g.add_argument("--loader", choices=("numpy", "grain"), default=None,
                  help="input pipeline: numpy (sharpjax.data.DataLoader, a "
                  "host thread) or grain (sharpjax.data.GrainLoader, worker "
                  "processes, iterator state in the checkpoints; pip install "
                  "'sharpjax[grain]'); the same batches either way "
-                 "(default numpy)")
+                 "(default numpy; grain for --data arrayrecord)")
   g.add_argument("--loader-workers", type=int, default=0, metavar="N",
                  help="grain worker processes making batches (default 0: in "
                  "the training process)")
@@ -258,3 +258,21 @@ def _masked_sums(model):
     return jnp.stack([jnp.sum(losses * mask), jnp.sum(correct * mask)])
 
   return jax.jit(sums)
+
+
+def log_process(devices, batch_size: int) -> None:
+  """One line from every process of a multi-process run, with its index.
+
+  Process 0 alone writes the reports, checkpoints' metadata and TensorBoard
+  events and logs the run; this line says each process is there and what it
+  reads (its block of rows of every global batch).
+  """
+  count, index = jax.process_count(), jax.process_index()
+  if count == 1:
+    return
+  rows = batch_size // count
+  local = len([d for d in devices.devices
+               if d.process_index == index]) if devices else 1
+  print(f"process {index} of {count}: rows {index * rows} to "
+        f"{(index + 1) * rows - 1} of every global batch of {batch_size}, on "
+        f"{local} local devices", flush=True)

@@ -15,8 +15,11 @@ import time
 import warnings
 from typing import Optional, Sequence
 
+from sharpjax.cli import _config as _config_cli
+from sharpjax.cli import _convert
 from sharpjax.cli import _devices
 from sharpjax.cli import _methods
+from sharpjax.cli import _profile
 from sharpjax.cli import _setup
 from sharpjax.cli import _validate
 
@@ -120,6 +123,12 @@ def _add_common(p: argparse.ArgumentParser, presets: bool = False) -> None:
                  help=f"weight decay (default {d.weight_decay})")
   g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                  help="linear learning-rate warm-up (default 0)")
+  g.add_argument("--optimizer", choices=_setup.OPTIMIZERS, default=d.optimizer,
+                 help="base optimizer: sgd (with --momentum) or adamw (b2 "
+                 f"0.999, decoupled --weight-decay; default {d.optimizer})")
+  g.add_argument("--image-size", type=int, default=None,
+                 help="side of the inputs decoded from image-folder records "
+                 "(--data arrayrecord; default 224)")
   h = p.add_argument_group(
       "method hyper-parameters (default: each method's own, see below)")
   for name in _methods.all_hyper_names():
@@ -162,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
       "compare", formatter_class=fmt, epilog=epilog,
       help="train several methods on the same data, model, seeds and budget",
       description=_paragraphs(
-          "Trains every method with the same data, model, seeds and budget "
+          "Trains the selected methods with the same data, model, seeds and "
+          "budget "
           "(with one seed, every method starts from the same weights and sees "
           "the same batches in the same order) and prints a table: test "
           "accuracy (mean ± std over seeds), its difference to SGD's (the "
@@ -217,8 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
           "latest checkpoint bit-exactly (parameters, optimizer state with "
           "SAF's logit bank or MESA's teacher, PRNG keys, data position and "
           "the epoch history). Ctrl-C or a crash leaves the last complete "
-          "checkpoint usable."))
+          "checkpoint usable. --config NAME_OR_PATH[:ARG] takes the settings "
+          "from a recipe (`sharpjax recipes`), a Python file's get_config(arg) "
+          "or a config.json; --config.KEY=VALUE changes one (KEY: a flag's "
+          "name with _ for -, hyper.NAME for a method's hyper-parameter); "
+          "flags given explicitly win."))
   _add_common(t)
+  t.add_argument("--config", default=None, metavar="NAME_OR_PATH[:ARG]",
+                 help="settings from a recipe, a Python config file or a "
+                 "config.json (see above; ARG runlocal: a tiny smoke test)")
+  t.add_argument("--profile-steps", default=None, metavar="A:B",
+                 help="write a jax.profiler trace of steps A to B-1 "
+                 "(0-based) into OUT/profile (TensorBoard's profile plugin)")
   t.add_argument("--method", default="sam",
                  help="method (default sam): " + ", ".join(_methods.names()))
   t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -239,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--max-steps", type=int, default=None,
                  help="stop after this many steps in total (checkpointed; "
                  "continue later with --resume)")
+
+  _config_cli.add_recipes_command(sub, fmt)
+  _convert.add_data_command(sub, fmt)
 
   m = sub.add_parser(
       "measure", formatter_class=fmt,
@@ -293,7 +316,8 @@ def _config(args) -> _setup.Config:
       momentum=args.momentum, weight_decay=args.weight_decay,
       warmup_epochs=args.warmup_epochs,
       sharpness_examples=getattr(args, "sharpness_examples", 500),
-      data_dir=getattr(args, "data_dir", None), dtype=args.dtype)
+      data_dir=getattr(args, "data_dir", None), dtype=args.dtype,
+      image_size=args.image_size, optimizer=args.optimizer)
   _setup.check_names(config)
   return config
 
@@ -304,13 +328,13 @@ def _make_env(args, config: _setup.Config) -> _setup.Env:
   return _setup.make_env(config, devices, args.loader, args.loader_workers)
 
 
-def _tensorboard(args, subdir: str = "", purge_step=None):
+def _tensorboard(args, subdir: str = "", resumed_at=None):
   """The TensorBoard log of a run (None without ``--tensorboard``)."""
   if args.tensorboard is None:
     return None
   from sharpjax.cli import _tensorboard as tb  # pylint: disable=g-import-not-at-top
   return tb.TensorBoardLog(os.path.join(args.tensorboard, subdir),
-                           purge_step=purge_step)
+                           resumed_at=resumed_at)
 
 
 def _flags(args) -> dict:
@@ -546,14 +570,11 @@ def cmd_train(args) -> int:
   config = _config(args)
   overrides = _validate.overrides(args, [args.method]).get(args.method, {})
   _report.check_out_dir(args.out)
+  settings = _config_cli.write(args, build_parser(), args.out)
   ckpt_dir = args.ckpt_dir or os.path.join(args.out, "checkpoints")
   _report.check_out_dir(ckpt_dir, "--ckpt-dir")
   env = _make_env(args, config)
   runner = _runner.MethodRunner(env, args.method, _flags(args), overrides)
-  # With grain the batches come from one iterator over the whole run, whose
-  # state the checkpoints keep (the numpy loader restarts from the step).
-  feed = (env.loader(args.seed).batches(0, runner.total_steps)
-          if args.loader == "grain" else None)
   save_every = args.save_every or env.steps_per_epoch
   ckpt = _checkpoint.Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
   ckpt.clean()  # the folders of a save interrupted last time
@@ -561,16 +582,18 @@ def cmd_train(args) -> int:
              "hyper": runner.hyper, "seed": args.seed,
              "steps_per_epoch": env.steps_per_epoch}
   total = runner.total_steps
+  profiler = _profile.StepProfiler(os.path.join(args.out, "profile"),
+                                   _profile.parse(args.profile_steps, total))
   train_json = os.path.join(args.out, "train.json")
+  loader = env.loader(args.seed)
+  # With grain the batches come from one iterator (feed) whose state the
+  # checkpoints keep; the numpy loader restarts from the step.
+  data_start = 0
   if args.resume:
-    ckpt.check_run(run_def, args.step)  # a clear mismatch before any array
-    state, meta, step = ckpt.restore(runner.init_state(args.seed), run_def,
-                                     args.step, writer=True,
-                                     data_iterator=feed)
+    state, meta, step, feed, data_start = ckpt.resume(
+        runner.init_state(args.seed), run_def, args.step, args.loader, loader,
+        total, _log)
     progress = _runner.Progress.from_dict(meta["progress"])
-    if feed is not None and not meta["data_restored"]:
-      feed.close()  # a checkpoint of the numpy loader: start at the step
-      feed = env.loader(args.seed).batches(progress.step, runner.total_steps)
     if int(state.step) != progress.step:
       raise _checkpoint.CheckpointError(
           f"checkpoint {ckpt_dir} step {step}: the state is at step "
@@ -581,11 +604,14 @@ def cmd_train(args) -> int:
         _log(f"note: --step {step}: the newer checkpoints are set aside "
              f"(kept, no longer resumed from): {', '.join(moved)}")
     end = total if args.max_steps is None else min(args.max_steps, total)
-    if progress.step >= end and os.path.exists(train_json):
+    if progress.step >= end and _checkpoint.train_json_done(train_json,
+                                                            progress.step):
       why = ("finished" if progress.step >= total
              else f"already at --max-steps {args.max_steps}")
       _log(f"the run in {ckpt_dir} is {why} (step {progress.step} of "
            f"{total}): nothing to train; {train_json} is left as it is.")
+      if feed is not None:
+        feed.close()
       return 0
     _log(f"resuming {args.method} seed {args.seed} from step {progress.step} "
          f"(epoch {progress.step // env.steps_per_epoch + 1}, batch "
@@ -596,22 +622,31 @@ def cmd_train(args) -> int:
           f"{ckpt_dir} already holds checkpoints (steps {ckpt.steps()}): pass "
           "--resume to continue that run, or choose another --ckpt-dir.")
     state, progress = None, None
-  saved = {"step": None}
+    feed = loader.batches(0, total) if args.loader == "grain" else None
+  loader_meta = _checkpoint.loader_settings(args.loader, loader, data_start)
+  board = None
 
-  def position(step):
-    # Where the data iterator is: DataLoader(seed).batch(epoch, batch) is the
-    # next batch (the order of an epoch depends on (seed, epoch) alone).
-    return {"data_position": {"epoch": step // env.steps_per_epoch,
-                              "batch": step % env.steps_per_epoch,
-                              "steps_per_epoch": env.steps_per_epoch,
-                              "loader_seed": args.seed}}
+  def save(st, prog, result=None):
+    """A checkpoint (its data position, the loader) and train.json."""
+    if board is not None:
+      board.flush()  # every event up to the checkpoint is on disk
+    position = {"epoch": prog.step // env.steps_per_epoch,
+                "batch": prog.step % env.steps_per_epoch,
+                "steps_per_epoch": env.steps_per_epoch,
+                "loader_seed": args.seed}
+    ckpt.save(st, run_def, prog.to_dict(),
+              {"data_position": position, "loader": loader_meta},
+              data_iterator=runner.feed if feed is not None else None)
+    _checkpoint.write_train_json(
+        train_json, command="sharpjax " + " ".join(args.argv), run=run_def,
+        progress=prog.to_dict(), total_steps=total, checkpoint_dir=ckpt_dir,
+        loader=loader_meta, parallel=env.devices.to_dict(), result=result,
+        extra={"settings": settings})
 
   def on_step(st, prog):
     stop = bool(_TERM_RECEIVED)  # SIGTERM: save here, then stop
     if prog.step % save_every == 0 or prog.step == total or stop:
-      ckpt.save(st, run_def, prog.to_dict(), position(prog.step),
-                data_iterator=runner.feed if feed is not None else None)
-      saved["step"] = prog.step
+      save(st, prog)
     if stop:
       raise KeyboardInterrupt
 
@@ -619,14 +654,16 @@ def cmd_train(args) -> int:
        f"({len(env.train)} train), {config.model}, {config.epochs} epochs x "
        f"{env.steps_per_epoch} steps; checkpoints every {save_every} steps "
        f"in {ckpt_dir}; on {env.devices.describe()}")
+  _devices.log_process(env.devices, config.batch_size)  # one line each
   t0 = time.perf_counter()
-  board = _tensorboard(args, purge_step=progress.step if progress else None)
+  board = _tensorboard(args, resumed_at=progress.step if progress else None)
   try:
     state, progress, timing = runner.run(
         args.seed, state, progress, stop_at=args.max_steps, on_step=on_step,
         sync_every=save_every, show_progress=_show_progress(args),
         label=f"{args.method} seed {args.seed}",
-        on_log=board and board.scalars, data_iterator=feed)
+        on_log=board and board.scalars, data_iterator=feed,
+        profiler=profiler)
   except KeyboardInterrupt:
     steps = ckpt.steps()
     how = "terminated (SIGTERM)" if _TERM_RECEIVED else "interrupted"
@@ -641,18 +678,10 @@ def cmd_train(args) -> int:
   finally:
     if board is not None:
       board.close()
-  ckpt.save(state, run_def, progress.to_dict(), position(progress.step),
-            data_iterator=runner.feed if feed is not None else None)
+      board = None
   result = _runner.summarize_run(args.method, args.seed, runner.hyper,
                                  progress, timing, state, None)
-  payload = {"command": "sharpjax " + " ".join(args.argv),
-             "finished": _report.utc_now(), "run": run_def,
-             "complete": progress.step >= total, "checkpoint_dir": ckpt_dir,
-             "result": result.to_dict(), "versions": _report.versions(),
-             "device": _report.device_info(),
-             "parallel": env.devices.to_dict()}
-  if env.devices.is_main:  # process 0 writes the report
-    _report.write_json(train_json, payload)
+  save(state, progress, result.to_dict())
   f = result.final
   done = "done" if progress.step >= total else "stopped (--max-steps)"
   _log(f"{done} at step {progress.step}/{total} in "
@@ -660,6 +689,9 @@ def cmd_train(args) -> int:
        + (f": test acc {100 * f['test_accuracy']:.2f}%, train loss "
           f"{f['train_loss']:.4f}" if f else "")
        + f"; checkpoint {ckpt.steps()[-1]} in {ckpt_dir}")
+  if profiler.traced:
+    _log(f"profile of steps {profiler.traced[0]} to {profiler.traced[-1]} "
+         f"written to {profiler.logdir}")
   return 0
 
 
@@ -849,7 +881,8 @@ def _run(args, prefix: str) -> int:
   from sharpjax.cli import _checkpoint  # pylint: disable=g-import-not-at-top
   from sharpjax.cli import _runner  # pylint: disable=g-import-not-at-top
   commands = {"compare": cmd_compare, "train": cmd_train,
-              "measure": cmd_measure}
+              "measure": cmd_measure, "recipes": _config_cli.cmd_recipes,
+              "data": _convert.cmd_data}
   try:
     _validate.check(args)
     if args.command in ("compare", "train"):
@@ -888,8 +921,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
   from_console = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
+  try:  # --config: the config's settings become flags before the others
+    expanded, config_info = _config_cli.expand(argv, parser)
+  except _config_cli.ConfigError as e:  # a usage error, as argparse's
+    parser.exit(2, f"sharpjax train: error: {_one_line(e)}\n")
+  args = parser.parse_args(expanded)
   args.argv = argv
+  args.config_info = config_info
   prefix = f"sharpjax {args.command}"
   with _one_line_reports(prefix, from_console), _sigterm_handled(
       graceful=args.command == "train") as received:

@@ -56,6 +56,11 @@ class Progress:
     history: one dict per finished epoch (``epoch``, ``train_loss``,
       ``train_accuracy``, ``test_loss``, ``test_accuracy``).
     loss_sum, acc_sum, count: running sums over the current epoch's steps.
+    log_sums, log_count: sums of the scalar metrics over the steps of the
+      current log interval read back but not yet logged (a run stopped
+      between two log points, e.g. by ``--max-steps``, carries them into its
+      checkpoint, so that the resumed run logs the interval's true means at
+      the step the uninterrupted run does).
   """
 
   step: int = 0
@@ -63,6 +68,8 @@ class Progress:
   loss_sum: float = 0.0
   acc_sum: float = 0.0
   count: int = 0
+  log_sums: dict = dataclasses.field(default_factory=dict)
+  log_count: int = 0
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -71,7 +78,10 @@ class Progress:
   def from_dict(cls, d: Mapping[str, Any]) -> "Progress":
     return cls(step=int(d["step"]), history=list(d["history"]),
                loss_sum=float(d["loss_sum"]), acc_sum=float(d["acc_sum"]),
-               count=int(d["count"]))
+               count=int(d["count"]),
+               log_sums={k: float(v) for k, v in
+                         dict(d.get("log_sums") or {}).items()},
+               log_count=int(d.get("log_count", 0)))
 
 
 @dataclasses.dataclass
@@ -142,8 +152,11 @@ def learning_rate(config: _setup.Config, total_steps: int) -> optax.Schedule:
 
 def base_optimizer(config: _setup.Config,
                    total_steps: int) -> optax.GradientTransformation:
-  """SGD with momentum, a cosine learning rate and optional weight decay."""
+  """SGD with momentum (or AdamW), a cosine learning rate and weight decay."""
   lr = learning_rate(config, total_steps)
+  if config.optimizer == "adamw":
+    return optax.adamw(lr, b1=0.9, b2=0.999,
+                       weight_decay=config.weight_decay)
   parts = []
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
@@ -251,6 +264,7 @@ class MethodRunner:
       label: str = "",
       on_log: Optional[Callable[[int, dict], None]] = None,
       data_iterator: Any = None,
+      profiler: Any = None,
   ) -> tuple[training.TrainState, Progress, dict]:
     """Trains from ``progress.step`` to ``stop_at`` (default: the end).
 
@@ -275,6 +289,9 @@ class MethodRunner:
         ``progress.step``. Either way they are put on the devices two ahead
         (:func:`sharpjax.data.prefetch_to_device`), and ``self.feed`` is
         that iterator while the run lasts (a checkpoint saves its state).
+      profiler: a :class:`sharpjax.cli._profile.StepProfiler` told before
+        and after each step (every step runs in a
+        ``jax.profiler.StepTraceAnnotation("train", step_num=k)`` anyway).
 
     Returns:
       ``(state, progress, timing)`` with ``timing`` holding ``epoch_ms``
@@ -307,21 +324,33 @@ class MethodRunner:
         t0, timed = time.perf_counter(), 0
         for i in range(pos, last):
           batch = next(self.feed)
+          k = progress.step + len(pending)  # this step's 0-based number
+          if profiler is not None:
+            profiler.before(k)
           if not self._compiled:
             tc = time.perf_counter()
-            state, metrics = self.trainer.step(state, batch)
+            with jax.profiler.StepTraceAnnotation("train", step_num=k):
+              state, metrics = self.trainer.step(state, batch)
             jax.block_until_ready(metrics)
             self.compile_s = time.perf_counter() - tc
             self._compiled = True
             t0 = time.perf_counter()
           else:
-            state, metrics = self.trainer.step(state, batch)
+            with jax.profiler.StepTraceAnnotation("train", step_num=k):
+              state, metrics = self.trainer.step(state, batch)
             timed += 1
+          if profiler is not None:
+            profiler.after(k, state)
           pending.append(metrics)
           n = progress.step + len(pending)
-          if (len(pending) >= _SYNC_EVERY or i == last - 1
-              or (sync_every and n % sync_every == 0)):
-            self._flush(pending, progress, epoch, bar)
+          # The log points depend on the position alone (the epoch's end,
+          # multiples of sync_every, _SYNC_EVERY steps since the last one),
+          # so a resumed run logs where the uninterrupted one does.
+          log_point = (progress.log_count + len(pending) >= _SYNC_EVERY
+                       or i == spe - 1
+                       or bool(sync_every and n % sync_every == 0))
+          if log_point or i == last - 1:
+            self._flush(pending, progress, epoch, bar, log=log_point)
             pending = []
             if on_step is not None and i != spe - 1:
               on_step(state, progress)
@@ -350,12 +379,21 @@ class MethodRunner:
     finally:
       if bar is not None:
         bar.close()
+      if profiler is not None:
+        profiler.close()
       self.feed.close()
     timing = {"epoch_ms": epoch_ms, "compile_s": self.compile_s,
               "wall_s": time.perf_counter() - t_start}
     return state, progress, timing
 
-  def _flush(self, pending, progress: Progress, epoch: int, bar) -> None:
+  def _flush(self, pending, progress: Progress, epoch: int, bar,
+             log: bool = True) -> None:
+    """Reads back and checks ``pending`` metrics; logs at a log point.
+
+    Every step's loss and SAF/MESA penalty must be finite. The scalars are
+    added to the log interval's sums (``progress.log_sums``); at a log point
+    (``log``) their means over the interval go to ``on_log``.
+    """
     on_log = self._on_log
     fetched = jax.device_get([{k: v for k, v in m.items() if np.ndim(v) == 0}
                               for m in pending])
@@ -374,12 +412,19 @@ class MethodRunner:
       progress.loss_sum += float(loss)
       progress.acc_sum += float(acc)
       progress.count += 1
-    if on_log is not None:
-      scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
-                 for k in fetched[0]}
-      scalars["train/learning_rate"] = float(
-          self.learning_rate(progress.step - 1))
-      on_log(progress.step, scalars)
+    sums = progress.log_sums
+    for m in fetched:  # in step order: a carried interval sums the same
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    progress.log_count += len(fetched)
+    if log:
+      if on_log is not None:
+        scalars = {f"train/{k}": v / progress.log_count
+                   for k, v in sums.items()}
+        scalars["train/learning_rate"] = float(
+            self.learning_rate(progress.step - 1))
+        on_log(progress.step, scalars)
+      progress.log_sums, progress.log_count = {}, 0
     if bar is not None:
       bar.update(len(values))
       bar.set_postfix(loss=f"{float(values[-1][0]):.3f}",

@@ -35,6 +35,13 @@ class Config:
     data_dir: where data read from disk lives (CIFAR); None otherwise.
     dtype: the model's computation dtype (``"float32"`` or ``"bfloat16"``;
       parameters, optimizer state and loss stay float32).
+    image_size: the side of the square inputs decoded from image-folder
+      records (``--data arrayrecord``; None: 224).
+    optimizer: the base optimizer, ``"sgd"`` (with ``momentum``) or
+      ``"adamw"`` (b1 0.9, b2 0.999, ``weight_decay`` decoupled as AdamW's).
+
+  The fields after ``dtype`` are recorded only when they differ from their
+  defaults, so a checkpoint written before they existed still resumes.
   """
 
   data: str = "mnist1d"
@@ -51,14 +58,25 @@ class Config:
   sharpness_examples: int = 500
   data_dir: Optional[str] = None
   dtype: str = "float32"
+  image_size: Optional[int] = None
+  optimizer: str = "sgd"
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    for name, default in _LATER_FIELDS.items():
+      if d[name] == default:
+        del d[name]
+    return d
 
   @classmethod
   def from_dict(cls, d: dict) -> "Config":
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+# Fields added after checkpoints existed: written only when not the default.
+_LATER_FIELDS = {"image_size": None, "optimizer": "sgd"}
+OPTIMIZERS = ("sgd", "adamw")
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +123,30 @@ def _cifar(num_classes: int):
   return load
 
 
+def _arrayrecord(n: Optional[int], data_dir: Optional[str] = None,
+                 image_size: Optional[int] = None):
+  from sharpjax import data  # pylint: disable=g-import-not-at-top
+  if data_dir is None:
+    raise ValueError("--data arrayrecord reads the shards that `sharpjax data "
+                     "convert` wrote: pass --data-dir DIR.")
+  train, test = data.load_arrayrecord(data_dir, image_size=image_size)
+  return data.Splits(train if n is None else train.subset(n), test)
+
+
+def _synthetic_images(n: Optional[int], data_dir: Optional[str] = None):
+  del data_dir
+  from sharpjax import data  # pylint: disable=g-import-not-at-top
+  n = 320 if n is None else n
+  full = data.make_synthetic(n, input_shape=(32, 32, 3), num_classes=10,
+                             noise=3.0)
+  n_train = int(0.8 * n)
+  return data.Splits(
+      data.ArrayDataset(full.x[:n_train], full.y[:n_train], 10,
+                        name="synthetic_images/train"),
+      data.ArrayDataset(full.x[n_train:], full.y[n_train:], 10,
+                        name="synthetic_images/test"))
+
+
 DATA: dict[str, tuple[Callable[..., Any], str]] = {
     "mnist1d": (_mnist1d, "MNIST-1D, generated offline (default 5,000 "
                 "examples: 4,000 train / 1,000 test, 40 x 1 signals)"),
@@ -114,6 +156,12 @@ DATA: dict[str, tuple[Callable[..., Any], str]] = {
                 "random crop + flip)"),
     "cifar100": (_cifar(100), "CIFAR-100 from --data-dir (50,000 / 10,000, "
                  "random crop + flip)"),
+    "arrayrecord": (_arrayrecord, "ArrayRecord shards from --data-dir, "
+                    "written by `sharpjax data convert`, read through grain "
+                    "(random crop + flip for CIFAR, Inception crop + flip for "
+                    "image folders)"),
+    "synthetic_images": (_synthetic_images, "Gaussian blobs as 32x32x3 "
+                         "images, 10 classes (runlocal, tests)"),
 }
 
 
@@ -139,6 +187,18 @@ def _wrn(num_classes: int, width: Optional[int]):
                            num_classes=num_classes)
 
 
+def _resnet50(num_classes: int, width: Optional[int]):
+  from sharpjax import models  # pylint: disable=g-import-not-at-top
+  return models.ResNet50(num_classes=num_classes, width=width or 64)
+
+
+def _vit_s16(num_classes: int, width: Optional[int]):
+  from sharpjax import models  # pylint: disable=g-import-not-at-top
+  d = width or 384
+  return models.ViT(num_classes=num_classes, patch_size=16, hidden_size=d,
+                    depth=12, num_heads=max(1, d // 64), mlp_dim=4 * d)
+
+
 MODELS: dict[str, tuple[Callable[[int, Optional[int]], Any], str]] = {
     "cnn1d": (_cnn1d, "MNIST-1D's 1D CNN (3 strided convolutions, width 25: "
               "5,210 parameters)"),
@@ -148,6 +208,12 @@ MODELS: dict[str, tuple[Callable[[int, Optional[int]], Any], str]] = {
                  "parameters; --width is the first stage's channels)"),
     "wrn28": (_wrn, "WideResNet-28 (--width is the widen factor, default 10: "
               "36.5M parameters)"),
+    "resnet50": (_resnet50, "ImageNet ResNet-50, bottleneck blocks, 7x7 stem "
+                 "(25.6M parameters at 1,000 classes; --width is the stem's "
+                 "channels)"),
+    "vit_s16": (_vit_s16, "ViT-S/16: patches of 16, 12 blocks of width 384, "
+                "6 heads (22.1M parameters at 1,000 classes; --width is the "
+                "embedding width, heads = width / 64)"),
 }
 
 
@@ -264,12 +330,16 @@ class Env:
     """This process's loader: its rows of every global batch."""
     import jax  # pylint: disable=g-import-not-at-top
     from sharpjax import data  # pylint: disable=g-import-not-at-top
-    # Images get the standard augmentation (random crop with padding + flip).
+    # Images get the standard augmentation (random crop with padding + flip);
+    # converted records bring theirs (decoding included).
     augment = data.RandomCropFlip() if self.train.x.ndim == 4 else None
+    source = self.train
+    if hasattr(self.train, "grain_source"):  # --data arrayrecord
+      source, augment = self.train.grain_source(), self.train.augment
     shards = {"num_shards": jax.process_count(),
               "shard_index": jax.process_index()}
     if self.loader_kind == "grain":
-      return data.GrainLoader(self.train, self.config.batch_size, seed=seed,
+      return data.GrainLoader(source, self.config.batch_size, seed=seed,
                               augment=augment,
                               worker_count=self.loader_workers, **shards)
     return data.DataLoader(self.train, batch_size=self.config.batch_size,
@@ -320,7 +390,13 @@ def make_env(config: Config, devices: Any = None, loader: str = "numpy",
   """
   check_names(config)
   from sharpjax import data  # pylint: disable=g-import-not-at-top
-  train, test = DATA[config.data][0](config.num_examples, config.data_dir)
+  extra = ({"image_size": config.image_size} if config.data == "arrayrecord"
+           else {})
+  train, test = DATA[config.data][0](config.num_examples, config.data_dir,
+                                     **extra)
+  if config.label_noise and hasattr(train, "grain_source"):
+    raise ValueError("--label-noise needs the labels in memory; it is not "
+                     "available with --data arrayrecord.")
   if config.label_noise:
     train = data.add_label_noise(train, config.label_noise, seed=0)
   if config.batch_size > len(train):

@@ -24,7 +24,7 @@ from sharpjax.cli import _methods
 from sharpjax.cli import _setup
 
 # Data sets read from --data-dir (the others are generated or bundled).
-DATA_FROM_DISK = ("cifar10", "cifar100")
+DATA_FROM_DISK = ("cifar10", "cifar100", "arrayrecord")
 
 Bound = Union[float, Callable[[argparse.Namespace], float], None]
 
@@ -87,6 +87,7 @@ _DATA_AND_BUDGET = {
     "weight_decay": Range(low=0.0),
     "warmup_epochs": Range(0, lambda a: a.epochs, high_open=True,
                            integer=True),
+    "image_size": _int(8),
     # Where it runs (sharpjax/cli/_devices.py; --devices is also checked
     # against the devices there are, once JAX knows them).
     "devices": _int(1),
@@ -128,14 +129,42 @@ def check(args: argparse.Namespace) -> None:
       raise ValueError(f"{flag(name)} must be a finite number, got {v!r}.")
   if args.command in ("compare", "train"):
     _check_data_dir(args)
+    _check_image_size(args)
+    _resolve_loader(args)
+  if args.command == "train":
+    from sharpjax.cli import _profile  # pylint: disable=g-import-not-at-top
+    _profile.parse(args.profile_steps)
   if args.command == "train" and args.step is not None and not args.resume:
     raise ValueError("--step chooses the checkpoint to resume from: it needs "
                      "--resume.")
 
 
+def _check_image_size(args) -> None:
+  if getattr(args, "image_size", None) is not None and (
+      args.data != "arrayrecord"):
+    raise ValueError(f"--image-size sets the resolution of converted image "
+                     f"records (--data arrayrecord); --data {args.data} has "
+                     "its own: remove --image-size.")
+
+
+def _resolve_loader(args) -> None:
+  """``--loader``'s default: grain for converted records, else numpy."""
+  if args.data == "arrayrecord":
+    if args.loader == "numpy":
+      raise ValueError("--data arrayrecord is read through grain (its "
+                       "decoding runs in grain's workers): drop --loader "
+                       "numpy.")
+    args.loader = "grain"
+  elif args.loader is None:
+    args.loader = "numpy"
+
+
 def _check_data_dir(args) -> None:
   if args.data not in _setup.DATA:
     return  # the unknown name is reported with the valid ones
+  if args.data == "arrayrecord" and args.data_dir is None:
+    raise ValueError("--data arrayrecord reads the shards that `sharpjax data "
+                     "convert` wrote: pass --data-dir DIR.")
   if args.data in DATA_FROM_DISK:
     if args.data_dir is None:
       raise ValueError(

@@ -15,7 +15,9 @@ incomplete batch, prefetches on a host thread and augments
 labels and keeps the clean ones. :class:`GrainLoader` yields the same batches
 through a grain pipeline (``pip install 'sharpjax[grain]'``): ArrayRecord
 files (:func:`write_array_record`), worker processes and a checkpointable
-iterator. :func:`prefetch_to_device` keeps the next batches' transfers in
+iterator; :func:`convert_cifar` and :func:`convert_imagefolder` write
+ArrayRecord shards that :func:`load_arrayrecord` opens for it.
+:func:`prefetch_to_device` keeps the next batches' transfers in
 flight while a step runs.
 
 Example:
@@ -26,6 +28,9 @@ Example:
   ...   pass
 """
 
+from sharpjax.data._arrayrecord import convert_cifar
+from sharpjax.data._arrayrecord import convert_imagefolder
+from sharpjax.data._arrayrecord import load_arrayrecord
 from sharpjax.data._augment import random_crop_flip
 from sharpjax.data._augment import RandomCropFlip
 from sharpjax.data._dataset import ArrayDataset
@@ -57,10 +62,13 @@ __all__ = [
     "RandomCropFlip",
     "Splits",
     "add_label_noise",
+    "convert_cifar",
+    "convert_imagefolder",
     "decode_example",
     "default_cache_dir",
     "encode_example",
     "grain_source",
+    "load_arrayrecord",
     "load_cifar",
     "load_digits",
     "load_mnist1d",

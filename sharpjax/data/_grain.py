@@ -22,6 +22,8 @@ import json
 import os
 import struct
 import sys
+import threading
+import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -193,8 +195,9 @@ def grain_source(spec: Any, *, split: str = "train", num_classes: int = 10):
   """
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-  if isinstance(spec, (ArraySource, ArrayRecordSource)):
-    return spec
+  if isinstance(spec, (ArraySource, ArrayRecordSource)) or (
+      hasattr(spec, "gather") and hasattr(spec, "__len__")):
+    return spec  # a source already (e.g. a converted split's RecordSource)
   if isinstance(spec, ArrayDataset):
     return ArraySource(spec.x, spec.y)
   if isinstance(spec, tuple) and len(spec) == 2:
@@ -260,6 +263,32 @@ class _MakeBatch:
     return {"x": x, "y": np.asarray(y, np.int32), "ids": ids.astype(np.int32)}
 
 
+def die_with_parent(worker_index: int = 0, worker_count: int = 1,
+                    interval: float = 0.5) -> None:
+  """Ends this (worker) process as soon as the process that started it is gone.
+
+  grain's worker processes wait on their queues; when the training process
+  is killed (``kill -9``, the out-of-memory killer, a cluster pre-empting
+  it) nothing tells them, and they would live on holding their memory (and,
+  through them, multiprocessing's resource tracker). :class:`GrainLoader`
+  passes this as grain's ``worker_init_fn``: a daemon thread of each worker
+  checks every ``interval`` seconds that its parent is still the process
+  that started it, and exits the worker when it is not. (Not
+  ``PR_SET_PDEATHSIG``: that signal follows the parent *thread*, and grain
+  may start its workers from a thread that ends before the process.)
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(interval)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name="sharpjax-parent-watch",
+                   daemon=True).start()
+
+
 class GrainLoader:
   """Yields ``{"x", "y", "ids"}`` batches through a grain pipeline.
 
@@ -278,7 +307,8 @@ class GrainLoader:
   (:func:`sharpjax.launch.save_state` ``(data_iterator=...)``), the way grain
   pipelines resume; the last incomplete batch is always dropped; and each
   worker holds a copy of an in-memory source, and takes seconds to start
-  (spawned processes import the pipeline).
+  (spawned processes import the pipeline). The workers end with the
+  process that started them, even when it is killed (a thread in each watches it).
 
   Args:
     source: what :func:`grain_source` accepts (an ``ArrayDataset``,
@@ -374,9 +404,10 @@ class GrainLoader:
         num_threads=self.read_threads,
         prefetch_buffer_size=max(2, self.read_threads)))
     if self.worker_count:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+      options = grain.MultiprocessingOptions(
           num_workers=self.worker_count,
-          per_worker_buffer_size=self.worker_buffer_size))
+          per_worker_buffer_size=self.worker_buffer_size)
+      ds = ds.mp_prefetch(options, worker_init_fn=die_with_parent)
     return ds
 
   def batches(self, start: int = 0, stop: Optional[int] = None):

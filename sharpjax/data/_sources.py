@@ -283,13 +283,113 @@ def _cifar_layouts(root: str, num_classes: int):
   return dirs, train_files, test_files, key, npz
 
 
+class RefusedPickle(pickle.UnpicklingError):
+  """A file holds what CIFAR's python-pickle release never does."""
+
+
+class _ReleaseUnpickler(pickle.Unpickler):
+  """Admits only what CIFAR's python-pickle release holds.
+
+  The release's batches are dicts of bytes keys whose values are bytes,
+  lists of ints or bytes, and one uint8 array (pickled through numpy's
+  ``_reconstruct`` / ``dtype``). Any other global a file names (``os.system``,
+  ``builtins.eval``, a class) is refused before it is imported, so a file
+  from elsewhere cannot run code; arrays of another dtype are refused too.
+  """
+
+  def find_class(self, module: str, name: str):
+    found = _RELEASE_GLOBALS.get((module, name))
+    if found is None:
+      raise RefusedPickle(
+          f"it names {module}.{name}, which a CIFAR release never holds (only "
+          "dicts, bytes, lists, ints and uint8 arrays are admitted); nothing "
+          "was imported")
+    return found
+
+
+def _only_uint8(dt) -> np.dtype:
+  dt = np.dtype(dt)
+  if dt != np.uint8:
+    raise RefusedPickle(f"it holds a {dt} array (only uint8 arrays "
+                                 "are admitted)")
+  return dt
+
+
+def _np_dtype(name, *args):
+  _only_uint8(name)
+  return np.dtype(name, *args)
+
+
+def _np_reconstruct(subtype, shape, dtype):
+  if subtype is not np.ndarray:
+    raise RefusedPickle("it reconstructs a numpy subclass")
+  # numpy's placeholder; the array's dtype comes with its state (a checked
+  # numpy.dtype), and the loaded arrays are checked again at the end.
+  return np.ndarray.__new__(np.ndarray, shape, np.dtype(dtype))
+
+
+def _np_frombuffer(buf, dtype, shape, order):
+  a = np.frombuffer(buf, _only_uint8(dtype))
+  return a.reshape(shape, order=order).copy()
+
+
+def _latin1(text, encoding="utf-8"):
+  # How python 3 writes bytes at protocol 2: _codecs.encode(str, "latin1").
+  if encoding != "latin1" or not isinstance(text, str):
+    raise RefusedPickle("it calls _codecs.encode unlike a bytes value")
+  return text.encode("latin1")
+
+
+_RELEASE_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _np_dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+def _check_release_values(value, depth: int = 0) -> None:
+  """What was loaded is only dicts, lists, bytes, str, ints and uint8 arrays."""
+  if depth > 4:
+    raise RefusedPickle("it nests deeper than a CIFAR batch")
+  if isinstance(value, dict):
+    for k, v in value.items():
+      _check_release_values(k, depth + 1)
+      _check_release_values(v, depth + 1)
+  elif isinstance(value, (list, tuple)):
+    for v in value:
+      _check_release_values(v, depth + 1)
+  elif isinstance(value, np.ndarray):
+    _only_uint8(value.dtype)
+  elif not isinstance(value, (bytes, str, int)) or isinstance(value, bool):
+    raise RefusedPickle(
+        f"it holds a {type(value).__name__} (only dicts, bytes, lists, ints "
+        "and uint8 arrays are admitted)")
+
+
+def load_release_pickle(path: str):
+  """One file of CIFAR's python-pickle release, through a restricted unpickler.
+
+  Only the globals the release's files use are admitted (numpy's array
+  reconstruction for uint8 arrays); anything else, a call to ``os.system``
+  or any class, raises :class:`RefusedPickle` (an ``UnpicklingError``) naming it, before it is
+  imported.
+  """
+  with open(path, "rb") as f:
+    value = _ReleaseUnpickler(f, encoding="bytes").load()
+  _check_release_values(value)
+  return value
+
+
 def _read_pickles(folder: str, files: Sequence[str], key: bytes):
   xs, ys = [], []
   for name in files:
     path = os.path.join(folder, name)
     try:
-      with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
+      entry = load_release_pickle(path)
       x = np.asarray(entry[b"data"])
       y = np.asarray(entry[key])
       if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
@@ -299,6 +399,8 @@ def _read_pickles(folder: str, files: Sequence[str], key: bytes):
                          f"{y.dtype}{list(y.shape)}")
     except OSError:
       raise
+    except RefusedPickle as e:
+      raise ValueError(f"{path} is refused: {e}.") from None
     except Exception as e:  # pylint: disable=broad-except
       # A truncated or foreign file fails inside pickle in many ways
       # ("invalid literal for int()", EOFError, UnpicklingError, KeyError).

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 
+from sharpjax._src import chain
 from sharpjax._src import protocol
 from sharpjax.training import _adapters
 from sharpjax.training import _checks
@@ -86,6 +87,7 @@ class Trainer:
           rng, x)
       self._spec.num_classes = int(logits.shape[-1])
     state = self._init(rng, x)
+    chain.check_chain(state.opt_state)
     if self._placement.axis_name is not None:
       self._trace_once(state, sample_batch)
     return state
@@ -364,6 +366,7 @@ def make_trainer(
                   "every per-example table; use shard_example_tables=.",
                   DeprecationWarning, stacklevel=2)
     shard_example_tables = shard_example_tables or shard_saf_bank
+  chain.check_chain_if_possible(tx)
   placement = _placement_for(mesh, data_axis, axis_name, devices,
                              per_device_perturbation, shard_example_tables,
                              point_axis)
