@@ -144,6 +144,11 @@ class SAMPaTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "static_args=\\('momentum',\\)"):
       helpers.jit_update(injected, g, injected.init(params), params,
                          point_passes=(taken(g), taken(g)))
+    # It mixes its first argument with the second pass as taken: nothing
+    # that changes the gradient may precede it.
+    with self.assertRaisesRegex(ValueError, "not first in the chain"):
+      sj.check_chain(optax.chain(optax.clip_by_global_norm(1.0),
+                                 sj.sampa(learning_rate=0.1), optax.sgd(0.1)))
     tx = sj.sampa(learning_rate=0.1)
     with self.assertRaisesRegex(ValueError,
                                 "point_passes must be a tuple of 2"):

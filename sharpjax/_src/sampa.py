@@ -49,7 +49,10 @@ class SAMPaState(NamedTuple):
 
   ``PASSES = "points"`` (the protocol of :func:`sharpjax.passes`): a step
   takes its gradients at ``gradient_points(params)``, :math:`(\tilde x_t,
-  y_{t+1})`, never at ``params``.
+  y_{t+1})`, never at ``params``. ``FIRST_IN_CHAIN = True``
+  (:func:`sharpjax.check_chain`): it mixes its first argument with the
+  second point's gradient as taken, so nothing that changes the gradient
+  may precede it.
   """
 
   count: jax.Array
@@ -62,6 +65,7 @@ class SAMPaState(NamedTuple):
   diagnostics: perturbed_lib.Diagnostics
 
   PASSES = "points"
+  FIRST_IN_CHAIN = True
 
   def gradient_points(self, params: Any) -> tuple:
     r"""``(x + rho g_y / ||g_y||, y)``: where the step's gradients are taken.
