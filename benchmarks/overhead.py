@@ -13,6 +13,14 @@ minimum of 40 windows picked single lucky windows, so that SAM, GSAM and
 F-SAM, which run the same two passes, came out at 1.73x, 1.95x and 2.14x in
 one run, against 1.91x, 1.96x and 1.97x as paired medians.
 
+Beside the time, every row carries XLA's FLOP count of one compiled step
+(``flops_per_step``; through the trainer, ``Trainer.step_cost``, a
+host-scheduled method's programs averaged over its period) and its ratio to
+SGD's (``flops_ratio``, the "compute x SGD" column). The FLOP ratio is what
+the time ratio approaches where the step is compute-bound (an accelerator on
+a large model); it does not see per-step dispatch, which dominates a 1 ms CPU
+step, nor memory-bound work such as SAF's bank reads and writes.
+
 With ``--trainer`` every method runs through
 :func:`sharpjax.training.make_trainer` (what the command line and most users
 run), batches already on the device, and a hand-written SGD step is timed
@@ -327,6 +335,10 @@ class Runner:
   # Per window, the time over that of the baseline window run just before.
   ratios: list[float] = dataclasses.field(default_factory=list)
   temp_bytes: int | None = None
+  # XLA's cost analysis of one compiled step: {"flops", "bytes_accessed"}
+  # (through make_trainer, Trainer.step_cost: a host-scheduled method's
+  # programs averaged over its period).
+  cost: dict | None = None
 
   def run(self, num_steps: int) -> float:
     state = self.state
@@ -339,6 +351,17 @@ class Runner:
     return elapsed
 
 
+def compiled_cost(compiled) -> dict:
+  """``{"flops", "bytes_accessed"}`` of a compiled step (XLA's count)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # one per device program
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {"flops": float(analysis.get("flops", float("nan"))),
+          "bytes_accessed": float(analysis.get("bytes accessed",
+                                               float("nan")))}
+
+
 def _temp_bytes(compiled) -> int | None:
   try:
     return int(compiled.memory_analysis().temp_size_in_bytes)
@@ -348,9 +371,16 @@ def _temp_bytes(compiled) -> int | None:
 
 def build(method: Method, warmup: int, model_name: str = "cnn1d",
           dtype: str = "float32", trainer: bool = False,
-          batch_size: int = BATCH) -> Runner:
-  model, input_shape = MODELS[model_name][0](method.num_classes,
-                                             DTYPES[dtype])
+          batch_size: int = BATCH, models_table: dict | None = None
+          ) -> Runner:
+  """A method's compiled, warmed-up step on ``model_name``.
+
+  ``models_table`` maps model names to ``(builder, description)`` as
+  ``MODELS`` does (default ``MODELS``; accelerator.py's smoke mode passes
+  tiny stand-ins).
+  """
+  model, input_shape = (models_table or MODELS)[model_name][0](
+      method.num_classes, DTYPES[dtype])
   batch = make_batch(method.num_classes, method.num_examples, input_shape,
                      batch_size=batch_size)
   tx = method.make_tx()
@@ -360,6 +390,8 @@ def build(method: Method, warmup: int, model_name: str = "cnn1d",
     state = t.init(jax.random.PRNGKey(0), batch)
     step = lambda s, b: t.step(s, b)[0]
     temp = None
+    cost = {k: float(v) for k, v in t.step_cost(state, batch).items()
+            if k in ("flops", "bytes_accessed")}
   else:
     variables = dict(model.init(jax.random.PRNGKey(0), batch["x"],
                                 train=False))
@@ -369,9 +401,10 @@ def build(method: Method, warmup: int, model_name: str = "cnn1d",
     opt_state = jax.tree.map(jnp.copy, tx.init(params))
     jitted = make_step(model, tx, method.kind)
     state = ((params, variables), opt_state)
-    temp = _temp_bytes(jitted.lower(*state, batch).compile())
+    compiled = jitted.lower(*state, batch).compile()
+    temp, cost = _temp_bytes(compiled), compiled_cost(compiled)
     step = lambda s, b: jitted(*s, b)
-  runner = Runner(method, step, state, batch, temp_bytes=temp)
+  runner = Runner(method, step, state, batch, temp_bytes=temp, cost=cost)
   if warmup:
     runner.run(warmup)
   return runner
@@ -449,6 +482,7 @@ def main(argv=None):
     m = runner.method
     quartiles = np.percentile(runner.ratios, [25, 50, 75])
     results.append(dict(
+        **flops_columns(runner.cost, baseline_of[m.name].cost),
         method=m.name, num_classes=m.num_classes,
         ms_per_step=1e3 * min(runner.times),
         ratio_to_sgd=float(quartiles[1]),
@@ -460,6 +494,7 @@ def main(argv=None):
         note=m.trainer_note if args.trainer and m.trainer_note else m.note))
   for m, why in skipped:
     results.append(dict(
+        flops_per_step=None, flops_ratio=None, bytes_accessed=None,
         method=m.name, num_classes=m.num_classes, ms_per_step=None,
         ratio_to_sgd=None, ratio_iqr=None, ratio_of_minima=None, all_ms=[],
         temp_bytes=None, note=why))
@@ -481,6 +516,17 @@ def main(argv=None):
   (args.out / f"{stem}.json").write_text(
       json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
   (args.out / f"{stem}.md").write_text(table + "\n")
+
+
+def flops_columns(cost: dict | None, baseline: dict | None) -> dict:
+  """A row's compute figures: FLOPs per step and their ratio to SGD's."""
+  flops = None if cost is None else cost.get("flops")
+  base = None if baseline is None else baseline.get("flops")
+  ratio = (flops / base if flops is not None and base and np.isfinite(flops)
+           and np.isfinite(base) else None)
+  return dict(flops_per_step=flops, flops_ratio=ratio,
+              bytes_accessed=None if cost is None else cost.get(
+                  "bytes_accessed"))
 
 
 def time_windows(runners: list[Runner], baseline_of: dict[str, Runner],
@@ -536,24 +582,36 @@ def markdown(results, meta) -> str:
       f"range beside it); {meta['model']}, batch {meta['batch']}, "
       f"{meta.get('dtype', 'float32')} compute, "
       f"{meta.get('step_kind', 'hand-written')} steps; {where}, "
-      f"jax {meta['jax']}, commit {meta['commit']}, {meta['date']}.",
+      f"jax {meta['jax']}, commit {meta['commit']}, {meta['date']}. "
+      "Compute x SGD: XLA's FLOP count of one compiled step over SGD's (what "
+      "a compute-bound accelerator's time ratio approaches; it does not see "
+      "dispatch or memory-bound work).",
       "",
-      "| method | classes | ms / step | ratio to SGD | IQR | XLA temp MiB "
-      "| note |",
-      "|---|---:|---:|---:|---:|---:|---|",
+      "| method | classes | ms / step | ratio to SGD | IQR | compute x SGD "
+      "| GFLOP / step | XLA temp MiB | note |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---|",
   ]
   for r in results:
     temp = "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.2f}"
+    compute, gflops = flops_cells(r)
     if r["ms_per_step"] is None:
-      lines.append(f"| {r['method']} | {r['num_classes']} | | | | | "
-                   f"{r['note']} |")
+      lines.append(f"| {r['method']} | {r['num_classes']} | | | | {compute} "
+                   f"| {gflops} | | {r['note']} |")
       continue
     iqr = r.get("ratio_iqr")
     spread = "" if iqr is None else f"{iqr[0]:.2f}-{iqr[1]:.2f}"
     lines.append(
         f"| {r['method']} | {r['num_classes']} | {r['ms_per_step']:.3f} | "
-        f"{r['ratio_to_sgd']:.2f}x | {spread} | {temp} | {r['note']} |")
+        f"{r['ratio_to_sgd']:.2f}x | {spread} | {compute} | {gflops} | "
+        f"{temp} | {r['note']} |")
   return "\n".join(lines)
+
+
+def flops_cells(row: dict) -> tuple[str, str]:
+  """The "compute x SGD" and "GFLOP / step" cells of a row ("" if none)."""
+  ratio, flops = row.get("flops_ratio"), row.get("flops_per_step")
+  return ("" if ratio is None else f"{ratio:.2f}x",
+          "" if flops is None else f"{flops / 1e9:.3g}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +41,16 @@ def test_overhead_writes_a_ratio_for_every_method_asked(tmp_path):
   assert set(rows) == {"sgd", "sam", "saf"}
   assert rows["sgd"]["ratio_to_sgd"] == 1.0
   assert all(r["ms_per_step"] > 0 for r in rows.values())
+  # Compute beside time: XLA's FLOP count, SAM's two passes against SGD's one.
+  assert rows["sgd"]["flops_ratio"] == 1.0
+  assert 1.9 < rows["sam"]["flops_ratio"] < 2.1
+  assert 0.99 < rows["saf"]["flops_ratio"] < 1.05
+  assert rows["sam"]["flops_per_step"] == pytest.approx(
+      rows["sam"]["flops_ratio"] * rows["sgd"]["flops_per_step"])
   assert result["meta"]["commit"]
-  assert "| sam | 10 |" in (tmp_path / "overhead.md").read_text()
+  md = (tmp_path / "overhead.md").read_text()
+  assert "| sam | 10 |" in md and "compute x SGD" in md
+  assert f"| {rows['sam']['flops_ratio']:.2f}x |" in md
 
 
 def test_overhead_through_the_trainer_times_a_hand_written_sgd_beside_it(
@@ -133,16 +143,19 @@ def test_overhead_table_shows_an_untimed_row_with_its_reason():
               cpu_count=2, jax="x", commit="abc", date="today")
   rows = [dict(method="sgd", num_classes=10, ms_per_step=4000.0,
                ratio_to_sgd=1.0, ratio_iqr=[1.0, 1.0], temp_bytes=2**20,
-               note=""),
+               flops_per_step=1.1e9, flops_ratio=1.0, note=""),
           dict(method="sam", num_classes=10, ms_per_step=8000.0,
                ratio_to_sgd=1.95, ratio_iqr=[1.9, 2.05], temp_bytes=None,
-               note=""),
+               flops_per_step=2.2e9, flops_ratio=2.0, note=""),
           dict(method="looksam", num_classes=10, ms_per_step=None,
-               ratio_to_sgd=None, temp_bytes=None, note="not timed: slow")]
+               ratio_to_sgd=None, temp_bytes=None, flops_per_step=None,
+               flops_ratio=None, note="not timed: slow")]
   lines = overhead.markdown(rows, meta).splitlines()
-  assert lines[-3] == "| sgd | 10 | 4000.000 | 1.00x | 1.00-1.00 | 1.00 |  |"
-  assert lines[-2] == "| sam | 10 | 8000.000 | 1.95x | 1.90-2.05 |  |  |"
-  assert lines[-1] == "| looksam | 10 | | | | | not timed: slow |"
+  assert lines[-3] == ("| sgd | 10 | 4000.000 | 1.00x | 1.00-1.00 | 1.00x | "
+                       "1.1 | 1.00 |  |")
+  assert lines[-2] == ("| sam | 10 | 8000.000 | 1.95x | 1.90-2.05 | 2.00x | "
+                       "2.2 |  |  |")
+  assert lines[-1] == "| looksam | 10 | | | |  |  | | not timed: slow |"
 
 
 class _FakeRunner:
@@ -196,3 +209,43 @@ def test_input_pipeline_times_every_feeding_mode(tmp_path):
   assert result["meta"]["read_ms"] == 5.0
   assert "| DataLoader + prefetch |" in (
       tmp_path / "input_pipeline.md").read_text()
+
+
+def test_accelerator_smoke_writes_time_and_compute_for_both_models(tmp_path):
+  # One method beside SGD keeps it short (smoke mode's default adds LookSAM).
+  run_script("accelerator.py", "--smoke", "--methods", "saf", "--steps", "1",
+             "--warmup", "0", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "accelerator-smoke-cpu.json").read_text())
+  meta = result["meta"]
+  assert meta["smoke"] and meta["commit"] and meta["device"] == "cpu"
+  tables = result["tables"]
+  assert [(t["model_key"], t["dtype"]) for t in tables] == [
+      ("resnet18", "float32"), ("wrn28-10", "bfloat16")]
+  for table in tables:
+    rows = {r["method"]: r for r in table["results"]}
+    assert set(rows) == {"sgd", "saf"}
+    assert all(r["ms_per_step"] > 0 for r in rows.values())
+    # XLA's counts, not timings: SAF adds a KL and the bank's update to SGD.
+    assert rows["sgd"]["flops_ratio"] == 1.0
+    assert 0.99 < rows["saf"]["flops_ratio"] < 1.05
+    assert rows["saf"]["flops_per_step"] == pytest.approx(
+        rows["saf"]["flops_ratio"] * rows["sgd"]["flops_per_step"])
+  md = (tmp_path / "accelerator-smoke-cpu.md").read_text()
+  assert md.count("| compute x SGD |") == 2 and "| saf |" in md
+
+
+def test_accelerator_keeps_to_its_budget_by_listing_what_it_skipped(
+    tmp_path):
+  accelerator = import_script("accelerator")
+
+  class Args:
+    warmup, batch, steps, repeats = 0, 4, 1, 5
+
+  # No time for anything but the baselines: every method is listed as not
+  # run, with the reason, and the table still has SGD's row.
+  table = accelerator.run_config("resnet18", "float32", ["sgd", "sam"],
+                                 Args, 0.0, accelerator.SMOKE_MODELS)
+  rows = {r["method"]: r for r in table["results"]}
+  assert rows["sgd"]["ms_per_step"] > 0 and table["repeats"] == 1
+  assert rows["sam"]["ms_per_step"] is None
+  assert "time budget" in rows["sam"]["note"]

@@ -85,6 +85,14 @@ def test_compare_end_to_end(tmp_path, capsys):
   rows = {r["method"]: r for r in res["table"]}
   assert list(rows) == ["sgd", "sam", "saf"]
   assert rows["sgd"]["cost_ratio"] == 1.0
+  # Compute beside time: XLA's FLOP count of each method's compiled step.
+  assert rows["sgd"]["flops_ratio"] == 1.0
+  assert 1.9 < rows["sam"]["flops_ratio"] < 2.1  # two passes
+  assert 0.99 < rows["saf"]["flops_ratio"] < 1.05  # one pass and a KL
+  for r in rows.values():
+    assert r["flops_per_step"] == pytest.approx(
+        r["flops_ratio"] * rows["sgd"]["flops_per_step"])
+  assert "| compute × SGD |" in captured.out
   for r in rows.values():
     assert r["seeds"] == 2
     assert 0.0 <= r["test_accuracy_mean"] <= 1.0

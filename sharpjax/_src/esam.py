@@ -101,13 +101,16 @@ def esam(
   backward pass costs about two; SGD is 3, SAM 6):
 
   * the caller's clean forward-backward on :math:`B`: 3;
-  * the clean per-example losses :math:`\ell_i(w)`: 0. The transformation
-    evaluates ``loss_fn`` at :math:`w` again, and XLA merges that forward
-    with the caller's when both are the same computation in one jitted step
-    (the CNN1D step of ``benchmarks/overhead.py`` compiles to 19
-    convolutions: 8 for the clean forward-backward, 3 for the scoring
-    forward, 8 for the descent pass; a test counts them on a one-layer
-    model). A caller whose clean forward differs pays 1 more;
+  * the clean per-example losses :math:`\ell_i(w)`: 0. A caller that has
+    them passes ``clean_losses=`` (shape ``[B]``, ``loss_fn``'s losses at
+    :math:`w`; :func:`sharpjax.training.make_trainer` does). Otherwise the
+    transformation evaluates ``loss_fn`` at :math:`w` again, and XLA merges
+    that forward with the caller's only when both are the same computation
+    in one jitted step (the CNN1D step of ``benchmarks/overhead.py``
+    compiles to 19 convolutions: 8 for the clean forward-backward, 3 for the
+    scoring forward, 8 for the descent pass; a test counts them on a
+    one-layer model; a ResNet-18 step with BatchNorm was not merged). A
+    caller whose clean forward differs pays 1 more;
   * SDS's scoring forward at :math:`w + \epsilon` on the whole batch: 1. It
     cannot be skipped: every example must be ranked;
   * the descent forward-backward on the :math:`k = \lceil\gamma B\rceil` kept
@@ -189,9 +192,11 @@ def esam(
     if k == size:  # SDS off: SAM's pass on the whole batch.
       return inputs.ascend(eps, grad_norm=grad_norm)._replace(memory=memory)
     pass_args = dict(has_aux=inputs.has_aux, name="esam")
-    losses_before = perturbed_lib.per_example_losses(
-        inputs.loss_fn, inputs.params, batch, **pass_args
-    )
+    losses_before = inputs.extra.get("clean_losses")
+    if losses_before is None or jnp.shape(losses_before) != (size,):
+      losses_before = perturbed_lib.per_example_losses(
+          inputs.loss_fn, inputs.params, batch, **pass_args
+      )
     losses_after = perturbed_lib.per_example_losses(
         inputs.loss_fn, perturbed_lib.add_perturbation(inputs.params, eps),
         batch, **pass_args,

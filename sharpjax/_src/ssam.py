@@ -37,14 +37,27 @@ class SSAMState(NamedTuple):
     mask: booleans shaped like the parameters, True where the weight is
       perturbed.
     key: raw ``uint32`` key data (draws the random masks); advances every step.
+    period: int32 scalar, ``update_every`` (constant): the mask is refreshed
+      on the steps whose ``count % period == 0``.
     diagnostics: what the last step saw; read it with
       :func:`sharpjax.diagnostics`.
+
+  Class attributes (not fields), read by trainers instead of testing the type:
+
+  - ``HOST_SCHEDULED = True``: the refresh follows ``count % period == 0``
+    and ``update`` accepts ``full_step=`` (a Python bool, that value): a
+    loop that keeps the count on the host compiles a step with the refresh
+    and one without, instead of a device conditional (whose untaken Fisher
+    branch XLA's cost analysis would count on every step).
   """
 
   count: jax.Array
   mask: Any
   key: jax.Array
+  period: jax.Array
   diagnostics: perturbed_lib.Diagnostics
+
+  HOST_SCHEDULED = True
 
 
 def _num_kept(sparsity, size: int):
@@ -186,10 +199,16 @@ def ssam(
   ``refresh_at="next_step"`` it is refreshed at the start of the step that
   follows (counts 1, ``update_every + 1``, ...), at that step's weights, that
   is after the base optimizer's update, and used by that step already: the
-  official code's timing (it refreshes after ``optimizer.step()``). Either
-  way the refresh runs inside ``lax.cond``, so the Fisher computation runs
-  only on those steps. With ``sparsity=0`` every weight is perturbed from
-  the first step, and the step is SAM's.
+  official code's timing (it refreshes after ``optimizer.step()``). The
+  refresh runs inside ``lax.cond``, so the Fisher computation runs only on
+  those steps. With the default timing a caller that keeps the count on the
+  host passes ``update(..., full_step=count % update_every == 0)`` (a Python
+  bool) and compiles one step per value, with no conditional
+  (:class:`sharpjax.SSAMState` declares ``HOST_SCHEDULED``;
+  :func:`sharpjax.training.make_trainer` does this); ``"next_step"`` keeps its
+  ``lax.cond`` and ignores ``full_step`` (so ``Trainer.step_cost`` counts its
+  Fisher branch on every step). With ``sparsity=0`` every weight is perturbed
+  from the first step, and the step is SAM's.
 
   Differences from the official code (class ``SSAMF`` of
   Mi-Peng/Sparse-Sharpness-Aware-Minimization), measured on the 195-weight
@@ -262,7 +281,8 @@ def ssam(
       start = random_mask(jax.random.wrap_key_data(key), params, sparsity)
     else:  # The official SSAM-F starts with an empty mask.
       start = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bool), params)
-    return {"mask": start, "key": key}
+    return {"mask": start, "key": key,
+            "period": jnp.asarray(update_every, jnp.int32)}
 
   def step(inputs):
     params, batch, count = inputs.params, inputs.batch, inputs.count
@@ -295,12 +315,21 @@ def ssam(
     eps = jax.tree.map(lambda e, m: jnp.where(m, e, 0.0), eps, old_mask)
     out = inputs.ascend(eps, grad_norm=grad_norm)
 
-    if dense or refresh_at == "next_step":
+    full_step = inputs.extra.get("full_step")
+    if full_step is not None and not isinstance(full_step, (bool, np.bool_)):
+      raise ValueError(
+          "sharpjax.ssam: full_step must be a Python bool known when the step "
+          f"is traced (count % update_every == 0), got "
+          f"{type(full_step).__name__}.")
+    if dense or refresh_at == "next_step" or full_step is False:
       new_mask = old_mask
+    elif full_step:
+      new_mask = refresh(None)
     else:
       due = count % every == 0
       new_mask = jax.lax.cond(due, refresh, lambda _: old_mask, None)
-    return out._replace(memory={"mask": new_mask, "key": new_key})
+    return out._replace(memory={"mask": new_mask, "key": new_key,
+                                "period": inputs.memory["period"]})
 
   return wrapper.sharpness_aware(
       step,

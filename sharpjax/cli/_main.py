@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
           "accuracy (mean ± std over seeds), its difference to SGD's (the "
           "mean of the per-seed differences with a 95% Student-t interval), "
           "time per step as a multiple of SGD's in the same run (after "
-          "compilation, the fastest epoch's, median over seeds), the top "
+          "compilation, the fastest epoch's, median over seeds), the FLOPs of "
+          "one compiled step as a multiple of SGD's (XLA's count: what the "
+          "time ratio approaches on a compute-bound accelerator), the top "
           "Hessian eigenvalue at the end, the final train loss and the state "
           "size; then one line per method.",
           "results.json and results.md in --out are rewritten after every "

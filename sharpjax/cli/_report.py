@@ -219,13 +219,17 @@ def summarize(results: Sequence[Any], methods: Sequence[str]) -> list[dict]:
   Accuracy, loss and sharpness are means (and sample std) over the method's
   finished seeds; ``delta_vs_sgd`` is :func:`paired_difference` of its test
   accuracy and SGD's; ``cost_ratio`` is the median time per step over seeds
-  divided by SGD's; ``failed`` lists the seeds whose loss became non-finite.
+  divided by SGD's; ``flops_per_step`` is XLA's FLOP count of one compiled
+  step and ``flops_ratio`` its ratio to SGD's (the compute a step needs,
+  which the time ratio approaches on a compute-bound accelerator); ``failed``
+  lists the seeds whose loss became non-finite.
   """
   by = {m: [r for r in results if r.method == m] for m in methods}
   ok = {m: [r for r in rs if not r.failed] for m, rs in by.items()}
   acc_of = lambda m: {r.seed: r.final["test_accuracy"] for r in ok.get(m, ())
                       if "test_accuracy" in r.final}
   base_ms = _median([r.ms_per_step for r in ok.get(BASELINE, ())])
+  base_flops = _median([r.flops_per_step for r in by.get(BASELINE, ())])
   rows = []
   for m in methods:
     rs, good = by[m], ok[m]
@@ -236,6 +240,7 @@ def summarize(results: Sequence[Any], methods: Sequence[str]) -> list[dict]:
     sharp = _mean_std([r.sharpness for r in good])
     trace = _mean_std([r.hessian_trace for r in good])
     ms = _median([r.ms_per_step for r in good])
+    flops = _median([r.flops_per_step for r in rs])
     rows.append({
         "method": m, "seeds": len(good),
         "failed": [{"seed": r.seed, "error": r.failed}
@@ -245,6 +250,7 @@ def summarize(results: Sequence[Any], methods: Sequence[str]) -> list[dict]:
                          else paired_difference(acc_of(m), acc_of(BASELINE))),
         "train_loss_mean": loss[0], "train_loss_std": loss[1],
         "ms_per_step": ms, "cost_ratio": ms / base_ms,
+        "flops_per_step": flops, "flops_ratio": flops / base_flops,
         "compile_s": _mean([r.compile_s for r in rs]),
         "peak_rss_mib": max(r.peak_rss_mib for r in rs),
         "state_kib": _mean([r.state_bytes / 1024.0 for r in good
@@ -275,6 +281,11 @@ def _fmt(x, spec):
   return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
 
 
+def _times(x: Optional[float]) -> str:
+  """A ratio as ``2.00x`` (``n/a`` when missing)."""
+  return "n/a" if x is None or not np.isfinite(x) else f"{x:.2f}x"
+
+
 def _points(x: Optional[float]) -> str:
   """A difference of accuracies in points, signed: ``+4.6``."""
   return "n/a" if x is None else f"{100 * x:+.1f}"
@@ -294,14 +305,15 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
   """The result table, then one summary line per method.
 
   Columns: test accuracy (mean ± std over seeds), its paired difference to
-  SGD with a 95% interval, time per step as a multiple of SGD's, the top
+  SGD with a 95% interval, time per step as a multiple of SGD's, the FLOPs
+  of one compiled step as a multiple of SGD's ("compute × SGD"), the top
   Hessian eigenvalue and the Hutchinson trace (when measured), the final
   train loss, time per step, and the state size.
   """
   sharp = any(np.isfinite(r["top_eigenvalue_mean"]) for r in rows)
   traced = any(np.isfinite(r["hessian_trace_mean"]) for r in rows)
   cols = ["method", "test acc %", "Δ vs SGD, points [95% CI]",
-          "step time × SGD"]
+          "step time × SGD", "compute × SGD"]
   cols += ["λ_max"] * sharp + ["tr H"] * traced
   cols += ["train loss", "ms / step", "state KiB"]
   lines = [f"| {' | '.join(cols)} |",
@@ -317,7 +329,8 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
              f"{_fmt(100 * r['test_accuracy_mean'], '.2f')} ± "
              f"{_fmt(100 * r['test_accuracy_std'], '.2f')}",
              _delta_cell(r["delta_vs_sgd"]),
-             _fmt(r["cost_ratio"], ".2f") + "x"]
+             _fmt(r["cost_ratio"], ".2f") + "x",
+             _times(r.get("flops_ratio"))]
     if sharp:
       cells.append(_fmt(r["top_eigenvalue_mean"], ".2f"))
     if traced:

@@ -36,6 +36,7 @@ import optax
 
 import sharpjax as sj
 from sharpjax import training
+from sharpjax.training import _host
 from sharpjax._src import base
 from sharpjax.cli import _methods
 from sharpjax.cli import _setup
@@ -99,6 +100,8 @@ class RunResult:
     state_bytes: parameters + model state + optimizer state (None: failed).
     sharpness, hessian_trace: top Hessian eigenvalue and trace at the end.
     failed: why the run stopped early (a non-finite loss), else None.
+    flops_per_step, bytes_accessed: XLA's cost analysis of one compiled step
+      (:meth:`sharpjax.training.Trainer.step_cost`; None when not measured).
   """
 
   method: str
@@ -114,6 +117,8 @@ class RunResult:
   sharpness: Optional[float] = None
   hessian_trace: Optional[float] = None
   failed: Optional[str] = None
+  flops_per_step: Optional[float] = None
+  bytes_accessed: Optional[float] = None
 
   @property
   def final(self) -> dict:
@@ -221,6 +226,7 @@ class MethodRunner:
     self._on_log = None
     self._compiled = False
     self.compile_s = 0.0
+    self.cost = None  # Trainer.step_cost of the step, from the first run
 
   @property
   def total_steps(self) -> int:
@@ -333,6 +339,8 @@ class MethodRunner:
               state, metrics = self.trainer.step(state, batch)
             jax.block_until_ready(metrics)
             self.compile_s = time.perf_counter() - tc
+            if self.cost is None:  # the step just compiled: nothing runs
+              self.cost = self.trainer.step_cost(state, batch)
             self._compiled = True
             t0 = time.perf_counter()
           else:
@@ -383,7 +391,7 @@ class MethodRunner:
         profiler.close()
       self.feed.close()
     timing = {"epoch_ms": epoch_ms, "compile_s": self.compile_s,
-              "wall_s": time.perf_counter() - t_start}
+              "wall_s": time.perf_counter() - t_start, "cost": self.cost}
     return state, progress, timing
 
   def _flush(self, pending, progress: Progress, epoch: int, bar,
@@ -395,8 +403,8 @@ class MethodRunner:
     (``log``) their means over the interval go to ``on_log``.
     """
     on_log = self._on_log
-    fetched = jax.device_get([{k: v for k, v in m.items() if np.ndim(v) == 0}
-                              for m in pending])
+    fetched = _host.to_host([{k: v for k, v in m.items() if np.ndim(v) == 0}
+                             for m in pending])
     values = [(m["loss"], m["accuracy"], m.get("penalty", 0.0))
               for m in fetched]
     for loss, acc, pen in values:
@@ -502,6 +510,7 @@ def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
                   timing: dict, state, sharpness: Optional[float],
                   hessian_trace: Optional[float] = None) -> RunResult:
   ms = timing["epoch_ms"]
+  cost = timing.get("cost") or {}
   return RunResult(
       method=method, seed=seed, hyper=dict(hyper), history=progress.history,
       steps=progress.step,
@@ -510,7 +519,9 @@ def summarize_run(method: str, seed: int, hyper: dict, progress: Progress,
       peak_rss_mib=peak_rss_mib(),
       state_bytes=tree_bytes((state.params, state.model_state,
                               state.opt_state)),
-      sharpness=sharpness, hessian_trace=hessian_trace)
+      sharpness=sharpness, hessian_trace=hessian_trace,
+      flops_per_step=cost.get("flops"),
+      bytes_accessed=cost.get("bytes_accessed"))
 
 
 def failed_run(method: str, seed: int, hyper: dict, progress: Progress,

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from sharpjax.training import _host
+
 
 def check_keys(batch: Any, needs_ids: bool) -> None:
   """A batch is a dict with ``x``, ``y`` (and ``ids`` when the state needs them)."""
@@ -114,8 +116,8 @@ class PendingLabelChecks:
   def _check(self, items, num_classes) -> None:
     if num_classes is None or not items:
       return
-    # The first local shard holds the whole (replicated) range.
-    ranges = jax.device_get([r.addressable_shards[0].data for r, _ in items])
+    # The range is replicated: this process's first shard holds all of it.
+    ranges = _host.to_host([r for r, _ in items])
     for value, (_, where) in zip(ranges, items):
       lo, hi = (int(v) for v in np.reshape(value, (-1, 2))[0])
       if lo < 0 or hi >= num_classes:

@@ -1,9 +1,12 @@
 r"""The training and evaluation step, as plain functions of a :class:`StepSpec`.
 
-One step: the clean forward-backward pass in train mode (its new model state
-kept), the SAF/MESA penalty added to the per-example losses when the chain
-holds a trajectory regularizer, and ``tx.update`` called with every extra
-argument a sharpjax transformation may want. What the optimizer state needs
+One step: the passes the optimizer state asks for (:func:`sharpjax.passes`:
+the clean forward-backward pass in train mode, one per point a method
+chooses, or none when the method runs its own), the SAF/MESA penalty added
+to the per-example losses when the chain holds a trajectory regularizer, and
+``tx.update`` called with every extra argument a sharpjax transformation may
+want; the new model state and the metrics come from the clean pass, the
+first point, or the method's own passes. What the optimizer state needs
 (example ids, the model state, a host-chosen branch) is read from the state
 itself (:mod:`sharpjax._src.protocol`), never from the method's type.
 
@@ -215,6 +218,10 @@ def train_step(spec: StepSpec, state: TrainState, batch: Batch,
         _gradients_at(spec, points, mean_loss))
     if kind == protocol.POINTS:
       extra["point_passes"] = point_passes
+    else:
+      # The clean per-example losses (task + penalty), this device's batch:
+      # a method that ranks examples by them need not run that forward again.
+      extra["clean_losses"] = point_passes[0].losses
   if axis is not None:
     if value is not None:
       value = jax.lax.pmean(value, axis)

@@ -282,9 +282,14 @@ def make_trainer(
   BatchNorm statistics kept), adds the SAF/MESA penalty when the chain holds
   one, and calls ``tx.update(grads, opt_state, params, loss_fn=loss_fn,
   batch=batch, has_aux=True, value=mean_loss, logits=logits, ids=ids,
-  model_state=new_model_state)``, where ``loss_fn(params, batch)`` returns
-  the per-example losses (task loss plus penalty) and, as ``aux``, that
-  pass's new model state, which a SAM-family transformation discards. Plain
+  model_state=new_model_state, clean_losses=per_example_losses)``, where
+  ``loss_fn(params, batch)`` returns the per-example losses (task loss plus
+  penalty) and, as ``aux``, that pass's new model state, which a SAM-family
+  transformation discards. A chain whose state asks for other passes
+  (:func:`sharpjax.passes`) gets them instead: the gradients at the points
+  its method chooses (``point_passes=``; no clean pass), or no pass at all
+  when the method runs its own (AUSAM, mSAM: ``report_passes=True``, and the
+  step's losses, accuracy and model state come from the method's passes). Plain
   optax optimizers ignore the extra arguments. The step never waits for the
   device (see ``validate``).
 
