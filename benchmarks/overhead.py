@@ -190,8 +190,7 @@ METHODS = [
     Method("sampa", lambda: optax.chain(
         sj.sampa(rho=0.1, lam=0.2, learning_rate=LR, momentum=0.9), _sgd()),
            kind="points",
-           note="two independent passes, one after the other on one device",
-           trainer_note="two independent passes, one vmap on one device"),
+           note="two independent passes, one after the other on one device"),
     Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque",
            trainer_skip="needs grad_fn=, which make_trainer does not pass"),
     Method("optax.contrib.sam (transparent)", _contrib_sam_transparent,
