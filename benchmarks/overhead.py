@@ -99,7 +99,8 @@ class Method:
     make_tx: builds the optax transformation.
     kind: how a step calls it: "plain" (no extra arguments), "sharpjax" (every
       extra argument a sharpjax transformation may use), "contrib_opaque" and
-      "contrib_transparent" (optax.contrib.sam's two modes).
+      "contrib_transparent" (optax.contrib.sam's two modes), "points" (the
+      gradients at ``sj.gradient_points``, passed as ``point_passes=``).
     num_classes: the classifier width; the ratio is to SGD of the same width.
     num_examples: dataset size (SAF's bank rows; the ids of the batch are drawn
       from it).
@@ -183,6 +184,13 @@ METHODS = [
     Method("ausam", lambda: optax.chain(
         sj.ausam(rho=0.05, keep=0.5, num_examples=4000), _sgd()),
            num_examples=4000, note="keep 0.5"),
+    Method("momentum_sam", lambda: optax.chain(
+        sj.momentum_sam(rho=0.3, momentum=0.9), _sgd()), kind="points",
+           note="its one pass at the state's point, none at the parameters"),
+    Method("sampa", lambda: optax.chain(
+        sj.sampa(rho=0.1, lam=0.2, learning_rate=LR, momentum=0.9), _sgd()),
+           kind="points",
+           note="two independent passes, one after the other on one device"),
     Method("optax.contrib.sam (opaque)", _contrib_sam, kind="contrib_opaque",
            trainer_skip="needs grad_fn=, which make_trainer does not pass"),
     Method("optax.contrib.sam (transparent)", _contrib_sam_transparent,
@@ -281,6 +289,20 @@ def make_step(model: nn.Module, tx, kind: str):
           grads, opt_state, params, loss_fn=loss_fn, batch=batch,
           has_aux=True, logits=logits, ids=batch["ids"], value=loss)
       return optax.apply_updates(params, updates), new_state, opt_state
+
+  elif kind == "points":
+    # The gradients at the points the state gives (sj.gradient_points), none
+    # at the parameters; BatchNorm statistics from the first point's pass.
+    def body(params, model_state, opt_state, batch, loss_fn, mean_grad):
+      taken = []
+      for point in sj.gradient_points(opt_state, params):
+        (loss, (_, new_state)), grads = jax.value_and_grad(
+            clean, has_aux=True)(point, model_state, batch)
+        taken.append(sj.PerturbedPass(loss, grads, None, new_state))
+      updates, opt_state = tx.update(taken[0].grads, opt_state, params,
+                                     point_passes=tuple(taken))
+      return (optax.apply_updates(params, updates), taken[0].aux,
+              opt_state)
 
   else:
     raise ValueError(f"unknown step kind {kind!r}")

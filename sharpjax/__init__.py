@@ -31,6 +31,16 @@ from sharpjax._src.esam import ESAMState
 from sharpjax._src.ssam import ssam
 from sharpjax._src.ssam import SSAMState
 
+# SAM's gains at about SGD's cost: Momentum-SAM (one pass at a point along
+# the momentum), SAMPa (two independent gradients), late-phase SAM.
+from sharpjax._src.late_phase import late_phase
+from sharpjax._src.late_phase import late_sam
+from sharpjax._src.late_phase import LatePhaseState
+from sharpjax._src.momentum_sam import momentum_sam
+from sharpjax._src.momentum_sam import MomentumSAMState
+from sharpjax._src.sampa import sampa
+from sharpjax._src.sampa import SAMPaState
+
 # Trajectory regularizers: SAF (logit bank) and MESA (EMA teacher).
 from sharpjax._src.mesa import init_teacher_model_state
 from sharpjax._src.mesa import mesa

@@ -513,7 +513,8 @@ def test_registry_has_every_method_of_the_library():
       assert name in _methods.names()
   assert _methods.names()[0] == "sgd"
   budget = _methods.Budget(num_examples=100, num_classes=10,
-                           steps_per_epoch=4, epochs=3)
+                           steps_per_epoch=4, epochs=3, learning_rate=0.05,
+                           momentum=0.9)
   for name in _methods.names():
     m = _methods.get(name)
     tx = _methods.build(m, _methods.resolve(m, budget, {}, {}), budget)

@@ -274,7 +274,8 @@ def test_a_flag_no_selected_method_has_is_said_once(tmp_path, capsys):
   err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
   assert err == ["sharpjax train: warning: --rho is ignored: sgd has no rho "
                  "(it is a hyper-parameter of sam, asam, gsam, looksam, fsam, "
-                 "msam, esam, ssam, ausam, sagm)."]
+                 "msam, esam, ssam, ausam, sagm, momentum_sam, sampa, "
+                 "late_sam)."]
 
 
 # ---------------------------------------------------------------------------

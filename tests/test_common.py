@@ -97,6 +97,22 @@ CASES = [
          exempt=(("namedtuple_state",
                   "GAQATState holds two states, SAGM's and the filter's, "
                   "and each has its own count."),)),
+    # The point of a step is set by the previous update (where the official
+    # codes move the weights), so an injected radius takes effect one step
+    # later: the same-step check of inject_hyperparams does not apply.
+    Case("momentum_sam", sj.momentum_sam, dict(rho=0.3, momentum=0.9),
+         scheduled="rho",
+         exempt=(("inject_live", "the point of a step is fixed at the end "
+                  "of the previous update; an injected rho moves the next "
+                  "point (test_momentum_sam.py checks it)"),)),
+    Case("sampa", sj.sampa, dict(rho=0.1, lam=0.2, learning_rate=0.1),
+         scheduled="rho", static_args=("momentum",),
+         exempt=(("inject_live", "the points of a step are fixed at the end "
+                  "of the previous update; an injected rho moves the next "
+                  "ones (test_sampa.py checks it)"),)),
+    # start=1: the 2- and 3-step checks cross the switch to SAM.
+    Case("late_sam", sj.late_sam, dict(rho=0.05, start=1), scheduled="rho",
+         static_args=("start", "total_steps")),
     # The filters have no hyper-parameter that takes a schedule.
     Case("scale_gradient_filter", quant.scale_gradient_filter, FILTER),
     Case("gaqat_scale_filter", quant.gaqat_scale_filter, FILTER),
@@ -234,6 +250,7 @@ class CommonTest(chex.TestCase):
     )
     got, state = _run(injected, params, batch, 2)
     chex.assert_trees_all_close(got, expected, atol=1e-6)
+    _skip_if_exempt(self, case, "inject_live")
     # The injected value is live: setting it to 0 turns the perturbation off.
     state = optax.tree.set(state, **{case.scheduled: jnp.asarray(0.0)})
     grads = helpers.clean_grads(params, batch)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(DOCS / "_ext"))
 
 # Every SAM-family and trajectory constructor documents its update rule.
 TRANSFORMATIONS = ["sam", "asam", "gsam", "looksam", "fsam", "msam", "esam",
-                   "ssam", "ausam", "sagm", "saf", "mesa"]
+                   "ssam", "ausam", "sagm", "saf", "mesa", "momentum_sam",
+                   "sampa", "late_phase"]
 
 
 def public_modules():

@@ -21,7 +21,11 @@ The declarations:
   ``period``; a full step is taken iff ``count % period == 0``, and ``update``
   accepts ``full_step=`` (a Python bool) to take that branch statically,
   without a device conditional (LookSAM's skipped second pass). A loop that
-  knows the count on the host compiles one step per branch.
+  knows the count on the host compiles one step per branch. A class with
+  another rule gives it as ``full_step_at(count, period) -> bool`` and the
+  share of full steps as ``full_step_share(period, total_steps) -> float``
+  (static methods; :func:`full_step_at`, :func:`full_step_share`):
+  late-phase SAM's full steps are those with ``count >= period``.
 - ``PASSES``: where the step's gradients are taken (:func:`passes`). Absent
   (or ``"clean"``): at the current parameters, the loop's clean
   forward-backward pass, whose gradient is ``update``'s first argument.
@@ -46,6 +50,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sharpjax._src import trajectory_loss
@@ -143,6 +148,35 @@ def float_collections(model_state: Any) -> dict:
                       for x in leaves):
       out[name] = value
   return out
+
+
+def full_step_at(state: Any, count: int, period: int) -> bool:
+  """Whether update number ``count`` of a host-scheduled ``state`` is full.
+
+  ``count % period == 0`` (LookSAM), unless the state's class gives its own
+  rule, ``full_step_at(count, period)``.
+  """
+  rule = getattr(type(state), "full_step_at", None)
+  if rule is not None:
+    return bool(rule(count, period))
+  return count % period == 0
+
+
+def full_step_share(state: Any, total_steps: Optional[int] = None) -> float:
+  """The share of a host-scheduled ``state``'s updates that are full steps.
+
+  ``1 / period`` (LookSAM), unless the state's class gives its own,
+  ``full_step_share(period, total_steps)``; ``total_steps`` is the state's
+  field of that name when it has one and the argument is None. Reads the
+  state's ``period`` from the device (for cost reports, not inside a step).
+  """
+  period = int(np.ravel(jax.device_get(state.period))[0])
+  rule = getattr(type(state), "full_step_share", None)
+  if rule is None:
+    return 1.0 / period
+  if total_steps is None and "total_steps" in state._fields:
+    total_steps = int(np.ravel(jax.device_get(state.total_steps))[0])
+  return float(rule(period, total_steps))
 
 
 def host_scheduled(opt_state: Any) -> list[Any]:

@@ -19,12 +19,15 @@ from sharpjax._src import ausam
 from sharpjax._src import esam
 from sharpjax._src import fsam
 from sharpjax._src import gsam
+from sharpjax._src import late_phase
 from sharpjax._src import looksam
 from sharpjax._src import mesa
+from sharpjax._src import momentum_sam
 from sharpjax._src import msam
 from sharpjax._src import saf
 from sharpjax._src import sagm
 from sharpjax._src import sam
+from sharpjax._src import sampa
 from sharpjax._src import ssam
 
 
@@ -187,6 +190,35 @@ CARDS: tuple[MethodCard, ...] = (
         (_paper("Wang et al., Sharpness-Aware Gradient Matching for Domain "
                 "Generalization, CVPR 2023",
                 "https://arxiv.org/abs/2303.10353"),)),
+    MethodCard(
+        "momentum_sam", momentum_sam.momentum_sam, ("rho",),
+        "one pass, at a point along the normalised momentum",
+        "gradient at w − ρ v / ‖v‖, v the momentum buffer of past gradients; "
+        "no pass at w",
+        "1 forward-backward",
+        (_paper("Becker et al., Momentum-SAM: Sharpness Aware Minimization "
+                "without Computational Overhead, 2024",
+                "https://arxiv.org/abs/2401.12033"),)),
+    MethodCard(
+        "sampa", sampa.sampa, ("rho", "lam"),
+        "SAM's two gradients made independent, to run on two device groups",
+        "x̃ = x + ρ g_y / ‖g_y‖, y' = the base step from x with g_y; "
+        "d = (1 − λ) ∇L(x̃) + λ ∇L(y'), then g_y = ∇L(y')",
+        "2 forward-backward, in parallel",
+        (_paper("Xie et al., SAMPa: Sharpness-aware Minimization "
+                "Parallelized, NeurIPS 2024",
+                "https://arxiv.org/abs/2410.10683"),),
+        needs=("learning_rate",)),
+    MethodCard(
+        "late_sam", late_phase.late_sam, ("rho", "start"),
+        "SGD for most of the run, SAM from the switch on",
+        "the plain gradient before start (a fraction of the run), SAM's "
+        "after; the phase chosen on the host",
+        "1 + (1 − start) forward-backward on average",
+        (_paper("Zhou et al., Sharpness-Aware Minimization Efficiently "
+                "Selects Flatter Minima Late in Training, ICLR 2025",
+                "https://arxiv.org/abs/2410.10373"), _FORET),
+        needs=("total_steps",)),
     MethodCard(
         "saf", saf.saf,
         ("strength", "temperature", "delay_epochs", "start_epoch"),

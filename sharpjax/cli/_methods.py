@@ -52,6 +52,10 @@ class Budget:
     steps_per_epoch: optimizer steps per epoch.
     epochs: number of epochs of the run.
     seed: the run's seed (for methods that keep a PRNG key).
+    learning_rate: the base optimizer's learning rate (a number or an optax
+      schedule), for methods that form the base step themselves (SAMPa).
+    momentum: the base optimizer's SGD momentum (0: none).
+    weight_decay: the base optimizer's weight decay (0: none).
   """
 
   num_examples: int
@@ -59,6 +63,9 @@ class Budget:
   steps_per_epoch: int
   epochs: int
   seed: int = 0
+  learning_rate: Any = None
+  momentum: float = 0.0
+  weight_decay: float = 0.0
 
   @property
   def total_steps(self) -> int:
@@ -227,6 +234,16 @@ _register("ausam", lambda h, b: sj.ausam(
     transition_steps=h["transition_steps"], num_examples=b.num_examples,
     seed=b.seed), auto=("transition_steps",))
 _register("sagm", lambda h, b: sj.sagm(rho=h["rho"], alpha=h["alpha"]))
+# Momentum-SAM's buffer is the base optimizer's momentum: the run's.
+_register("momentum_sam", lambda h, b: sj.momentum_sam(
+    rho=h["rho"], momentum=b.momentum))
+# SAMPa's auxiliary point is the base optimizer's step (the official code's,
+# with SGD's momentum and weight decay), so it is built from the run's.
+_register("sampa", lambda h, b: sj.sampa(
+    rho=h["rho"], lam=h["lam"], learning_rate=b.learning_rate,
+    momentum=b.momentum, weight_decay=b.weight_decay))
+_register("late_sam", lambda h, b: sj.late_sam(
+    rho=h["rho"], start=h["start"], total_steps=max(1, b.total_steps)))
 _register("saf", lambda h, b: sj.saf(
     num_examples=b.num_examples, num_classes=b.num_classes,
     steps_per_epoch=b.steps_per_epoch, delay_epochs=h["delay_epochs"],

@@ -35,6 +35,7 @@ COLORS = {
     "asam": "#ff7f0e", "gsam": "#9467bd", "looksam": "#8c564b",
     "fsam": "#17becf", "msam": "#e377c2", "esam": "#7f7f7f",
     "ssam": "#bcbd22", "ausam": "#66d900", "sagm": "#f0b000",
+    "momentum_sam": "#6a3d9a", "sampa": "#b15928", "late_sam": "#fb9a99",
 }
 _SPARE_COLORS = ("#6a3d9a", "#b15928", "#33a02c", "#fb9a99", "#a6cee3")
 

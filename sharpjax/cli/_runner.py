@@ -206,6 +206,10 @@ class MethodRunner:
     self.env = env
     self.method = _methods.get(method)
     budget = env.budget(seed=0)
+    budget = dataclasses.replace(
+        budget, learning_rate=learning_rate(env.config, budget.total_steps),
+        momentum=env.config.momentum or 0.0,
+        weight_decay=env.config.weight_decay or 0.0)
     self.hyper = _methods.resolve(self.method, budget, dict(flags),
                                   dict(overrides))
     pre = _methods.build(self.method, self.hyper, budget)

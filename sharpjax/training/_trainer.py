@@ -30,6 +30,7 @@ class _StateInfo:
     self.needs_ids = protocol.needs_example_ids(state.opt_state)
     scheduled = protocol.host_scheduled(state.opt_state)
     self.count = self.period = None
+    self._scheduled = scheduled[0] if len(scheduled) == 1 else None
     if len(scheduled) == 1:
       count, period = jax.device_get((scheduled[0].count,
                                       scheduled[0].period))
@@ -39,7 +40,7 @@ class _StateInfo:
   def full_step(self) -> Optional[bool]:
     if self.count is None:
       return None
-    return self.count % self.period == 0
+    return protocol.full_step_at(self._scheduled, self.count, self.period)
 
   def advance(self) -> None:
     if self.count is not None:
@@ -170,9 +171,11 @@ class Trainer:
 
     These are per device: on a mesh, with ``per_device_perturbation`` or
     under ``pmap`` each device's partitioned program is counted. For a
-    method whose full steps follow a host-known period (LookSAM's
-    ``HOST_SCHEDULED``), both programs are compiled and weighted by how
-    often the period runs each (``1/k`` full, ``(k-1)/k`` skip).
+    method whose full steps follow a host-known schedule
+    (``HOST_SCHEDULED``), both programs are compiled and weighted by their
+    share of the run: LookSAM's ``1/k`` full and ``(k-1)/k`` skip steps,
+    late-phase SAM's ``1 - start`` SAM steps (which needs its
+    ``total_steps``).
 
     A ratio to SGD's figure predicts the time ratio where a step is
     compute-bound (an accelerator on a large model); it does not count
@@ -197,8 +200,8 @@ class Trainer:
     placed = dict(self.shard_batch(batch))
     scheduled = protocol.host_scheduled(state.opt_state)
     if len(scheduled) == 1:
-      period = int(np.ravel(jax.device_get(scheduled[0].period))[0])
-      programs = [(True, 1.0 / period), (False, (period - 1.0) / period)]
+      share = protocol.full_step_share(scheduled[0])
+      programs = [(True, share), (False, 1.0 - share)]
     else:
       programs = [(None, 1.0)]
     total = {}
