@@ -278,20 +278,16 @@ def make_trainer(
 ) -> Trainer:
   r"""Builds ``init``, a jitted ``step`` and ``eval_step`` for a Flax model.
 
-  One ``step`` computes the clean forward-backward pass (train mode, new
-  BatchNorm statistics kept), adds the SAF/MESA penalty when the chain holds
-  one, and calls ``tx.update(grads, opt_state, params, loss_fn=loss_fn,
-  batch=batch, has_aux=True, value=mean_loss, logits=logits, ids=ids,
-  model_state=new_model_state, clean_losses=per_example_losses)``, where
-  ``loss_fn(params, batch)`` returns the per-example losses (task loss plus
-  penalty) and, as ``aux``, that pass's new model state, which a SAM-family
-  transformation discards. A chain whose state asks for other passes
-  (:func:`sharpjax.passes`) gets them instead: the gradients at the points
-  its method chooses (``point_passes=``; no clean pass), or no pass at all
-  when the method runs its own (AUSAM, mSAM: ``report_passes=True``, and the
-  step's losses, accuracy and model state come from the method's passes). Plain
-  optax optimizers ignore the extra arguments. The step never waits for the
-  device (see ``validate``).
+  One ``step`` runs the passes the chain's state asks for
+  (:func:`sharpjax.passes`). By default that is the clean forward-backward
+  pass (train mode, new BatchNorm statistics kept) with the SAF/MESA penalty
+  added, then ``tx.update(grads, opt_state, params, loss_fn=, batch=,
+  has_aux=True, value=, logits=, ids=, model_state=, clean_losses=)``, where
+  ``loss_fn(params, batch)`` returns the per-example losses and, as ``aux``,
+  the pass's new model state. A method may instead take its gradients at
+  points it chooses (``point_passes=``, no clean pass) or run its own passes
+  (AUSAM, mSAM: ``report_passes=True``; the step's metrics and model state
+  come from them). The step never waits for the device (see ``validate``).
 
   Parallelism (the module docstring explains each): ``mesh`` (``jit``, batch
   sharded over ``data_axis``, state replicated, the result equal to one
@@ -339,15 +335,12 @@ def make_trainer(
       ``init`` raises.
     shard_saf_bank: the former name of ``shard_example_tables`` (deprecated).
     donate: donate the state buffers to ``step``.
-    validate: check each batch before the step without waiting for the
-      device: keys, leading axes, divisibility, input rank from shapes, and
-      the label range of host (numpy) labels on the host; the label range of
-      device labels is computed inside the step and raised by a later
-      ``step`` call or by :meth:`Trainer.check`.
+    validate: check each batch without waiting for the device: keys, shapes,
+      host labels' range on the host; device labels' range inside the step,
+      raised by a later ``step`` or by :meth:`Trainer.check`.
 
   Returns:
-    A :class:`Trainer` (``init``, ``step``, ``eval_step``, ``shard_batch``,
-    ``check``, ``num_devices``).
+    A :class:`Trainer` (``init``, ``step``, ``eval_step``, ``step_cost``, ...).
 
   Example:
     >>> import jax, optax, sharpjax as sj
