@@ -249,3 +249,29 @@ def test_accelerator_keeps_to_its_budget_by_listing_what_it_skipped(
   assert rows["sgd"]["ms_per_step"] > 0 and table["repeats"] == 1
   assert rows["sam"]["ms_per_step"] is None
   assert "time budget" in rows["sam"]["note"]
+
+
+def test_compute_counts_the_passes_each_method_asks_for(tmp_path):
+  run_script("compute.py", "--model", "cnn", "--methods", "sam", "ausam",
+             "momentum_sam", "--out", str(tmp_path))
+  rows = json.loads((tmp_path / "compute-cnn.json").read_text())["rows"]
+  assert set(rows) == {"sgd", "sam", "ausam", "momentum_sam"}
+  assert rows["sgd"]["flops_ratio"] == 1.0
+  assert 1.99 < rows["sam"]["flops_ratio"] < 2.02
+  # AUSAM's own passes on half the batch, no clean pass; Momentum-SAM's one point.
+  assert (rows["ausam"]["passes"], rows["momentum_sam"]["passes"]) == (
+      "own", "points")
+  assert rows["ausam"]["flops_ratio"] < 1.05
+  assert rows["momentum_sam"]["flops_ratio"] < 1.02
+  md = (tmp_path / "compute-cnn.md").read_text()
+  assert f"| sam | clean | " in md and "compute x SGD" in md
+
+
+def test_compute_refuses_an_unknown_method_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "compute.py"), "--methods",
+       "sgdd", "--out", str(tmp_path)],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 2
+  assert "--methods: unknown ['sgdd']" in proc.stderr
+  assert "Traceback" not in proc.stderr
