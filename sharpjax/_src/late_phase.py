@@ -190,7 +190,8 @@ def late_phase(
     )
 
   def update_fn(updates, state, params=None, *, full_step=None, **extra):
-    full_step = _full_step_flag(full_step)
+    full_step = protocol.full_step_flag(full_step, "late_phase",
+                                        "count >= period")
 
     def late():
       return inner_tx.update(updates, state.inner, params, **extra)
@@ -244,16 +245,3 @@ def late_sam(
     Generalization, ICLR 2021. https://arxiv.org/abs/2010.01412
   """
   return late_phase(sam_lib.sam(rho=rho), start, total_steps=total_steps)
-
-
-def _full_step_flag(full_step: Any) -> Optional[bool]:
-  """The ``full_step`` extra argument: None, or a bool known at trace time."""
-  if full_step is None or isinstance(full_step, bool):
-    return full_step
-  if isinstance(full_step, np.bool_):
-    return bool(full_step)
-  raise TypeError(
-      "sharpjax.late_phase: full_step must be a Python bool known when the "
-      f"step is traced, got {type(full_step).__name__}. Compute it on the "
-      "host as count >= period from the state's count and period (and mark "
-      "it static), or leave it out to let the step decide on the device.")

@@ -16,12 +16,12 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sharpjax._src import ascent
 from sharpjax._src import base
 from sharpjax._src import perturbed as perturbed_lib
+from sharpjax._src import protocol
 from sharpjax._src import sharpness_aware as wrapper
 
 _GRANULARITIES = ("global", "per_tensor")
@@ -206,7 +206,8 @@ def looksam(
 
   def step(inputs):
     clean, count = inputs.grads, inputs.count
-    full_step = _full_step_flag(inputs.extra.get("full_step"))
+    full_step = protocol.full_step_flag(
+        inputs.extra.get("full_step"), "looksam", "count % period == 0")
 
     def full():
       eps, grad_norm = ascent.sam_perturbation(
@@ -264,19 +265,4 @@ def looksam(
       axis_name=axis_name,
       init_memory=init_memory,
       state_type=LookSAMState,
-  )
-
-
-def _full_step_flag(full_step: Any) -> Optional[bool]:
-  """The ``full_step`` extra argument: None, or a bool known at trace time."""
-  if full_step is None or isinstance(full_step, bool):
-    return full_step
-  if isinstance(full_step, np.bool_):
-    return bool(full_step)
-  raise TypeError(
-      "sharpjax.looksam: full_step must be a Python bool known when the step "
-      f"is traced, got {type(full_step).__name__}. Compute it on the host as "
-      "count % period == 0 from the state's count and period (and mark it "
-      "static, e.g. jax.jit(..., static_argnums=...)), or leave it out to let "
-      "the step decide on the device."
   )

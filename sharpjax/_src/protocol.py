@@ -162,6 +162,26 @@ def full_step_at(state: Any, count: int, period: int) -> bool:
   return count % period == 0
 
 
+def full_step_flag(full_step: Any, name: str, rule: str) -> Optional[bool]:
+  """A host-scheduled ``update``'s ``full_step``: None, or a bool known at trace time.
+
+  ``rule`` is the host-side formula the error message suggests (e.g.
+  ``"count % period == 0"``). Raises a ``TypeError`` for anything else (a
+  traced value).
+  """
+  if full_step is None or isinstance(full_step, bool):
+    return full_step
+  if isinstance(full_step, np.bool_):
+    return bool(full_step)
+  raise TypeError(
+      f"sharpjax.{name}: full_step must be a Python bool known when the step "
+      f"is traced, got {type(full_step).__name__}. Compute it on the host as "
+      f"{rule} from the state's count and period (and mark it static, e.g. "
+      "jax.jit(..., static_argnums=...)), or leave it out to let the step "
+      "decide on the device."
+  )
+
+
 def full_step_share(state: Any, total_steps: Optional[int] = None) -> float:
   """The share of a host-scheduled ``state``'s updates that are full steps.
 
