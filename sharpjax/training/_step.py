@@ -234,20 +234,18 @@ def train_step(spec: StepSpec, state: TrainState, batch: Batch,
     elif spec.average_grads:
       grads = jax.lax.pmean(grads, axis)
     extra["data_axis_name"] = axis
+    # Per-example tables are replicated: every device writes every row.
+    ids = None if ids is None else jax.lax.all_gather(ids, axis, tiled=True)
   if kind != protocol.OWN:
     if axis is not None:
       model_state = _pmean_inexact(model_state, axis)
-      # Per-example tables are replicated: every device writes every row.
       logits_all = jax.lax.all_gather(logits, axis, tiled=True)
-      ids = None if ids is None else jax.lax.all_gather(ids, axis, tiled=True)
     else:
       logits_all = logits
     extra.update(value=value, logits=logits_all)
     tracked = protocol.float_collections(model_state)
     if tracked and protocol.tracks_model_state(state.opt_state):
       extra["model_state"] = tracked
-  elif axis is not None and ids is not None:
-    ids = jax.lax.all_gather(ids, axis, tiled=True)
   if ids is not None:
     extra["ids"] = ids
   if full_step is not None:
