@@ -274,12 +274,13 @@ def _walk(tree: Any, attribute: str, into_multisteps: bool) -> list[tuple]:
   return found
 
 
-def _passes_state(opt_state: Any) -> tuple[Any, str]:
-  """The one state that declares ``PASSES`` (or None) and the kind it asks."""
+def _passes_state(opt_state: Any) -> tuple[Any, str, bool]:
+  """The one state that declares ``PASSES`` (or None), the kind it asks, and
+  whether it sits inside ``optax.MultiSteps``."""
   found = [(s, inside) for s, inside in _walk(opt_state, "PASSES", True)
            if type(s).PASSES != CLEAN]
   if not found:
-    return None, CLEAN
+    return None, CLEAN, False
   if len(found) > 1:
     raise ValueError(
         "sharpjax: the optimizer state holds several states that choose where "
@@ -294,8 +295,8 @@ def _passes_state(opt_state: Any) -> tuple[Any, str]:
     # Inside MultiSteps the loop's gradient is accumulated, and SAF/MESA read
     # the clean pass's logits: the method then runs as with any caller that
     # passes a clean gradient (its own passes still run, the loop's too).
-    return state, CLEAN
-  return state, kind
+    return state, CLEAN, inside_multisteps
+  return state, kind, inside_multisteps
 
 
 def _has_trajectory_state(opt_state: Any) -> bool:
@@ -351,7 +352,7 @@ def gradient_points(opt_state: Any, params: Any) -> tuple:
     >>> sj.gradient_points(opt_state, params)
     ({'w': Array([1., 1.], dtype=float32)},)
   """
-  state, kind = _passes_state(opt_state)
+  state, kind, inside = _passes_state(opt_state)
   if kind == CLEAN:
     return (params,)
   if kind == OWN:
@@ -360,8 +361,6 @@ def gradient_points(opt_state: Any, params: Any) -> tuple:
   if not points:
     raise ValueError(f"{type(state).__name__}.gradient_points returned no "
                      "point.")
-  inside = any(inside for s, inside in _walk(opt_state, "PASSES", True)
-               if s is state)
   if inside and len(points) > 1:
     raise ValueError(
         f"sharpjax: {type(state).__name__} takes gradients at {len(points)} "
