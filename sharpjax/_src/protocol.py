@@ -199,6 +199,31 @@ def full_step_share(state: Any, total_steps: Optional[int] = None) -> float:
   return float(rule(period, total_steps))
 
 
+def _walk(tree: Any, attribute: str, into_multisteps: bool) -> list[tuple]:
+  """``(state, inside_multisteps)`` for every state declaring ``attribute``."""
+  found = []
+  is_node = _declares(attribute)
+
+  def walk(x, inside):
+    if isinstance(x, optax.MultiStepsState):
+      if into_multisteps:
+        for y in x:
+          walk(y, True)
+      return
+    if is_node(x):
+      found.append((x, inside))
+      return
+    if isinstance(x, (tuple, list)):
+      for y in x:
+        walk(y, inside)
+    elif isinstance(x, dict):
+      for y in x.values():
+        walk(y, inside)
+
+  walk(tree, False)
+  return found
+
+
 def host_scheduled(opt_state: Any) -> list[Any]:
   """The states whose full steps follow a host-known period (``HOST_SCHEDULED``).
 
@@ -206,23 +231,8 @@ def host_scheduled(opt_state: Any) -> list[Any]:
   count advances once per accumulated step, not once per call, so the loop's
   count does not predict it.
   """
-  found = []
-
-  def walk(x):
-    if isinstance(x, optax.MultiStepsState):
-      return
-    if _declares("HOST_SCHEDULED")(x):
-      found.append(x)
-      return
-    if isinstance(x, (tuple, list)):
-      for y in x:
-        walk(y)
-    elif isinstance(x, dict):
-      for y in x.values():
-        walk(y)
-
-  walk(opt_state)
-  return found
+  return [s for s, _ in _walk(opt_state, "HOST_SCHEDULED",
+                              into_multisteps=False)]
 
 
 class StepPasses(NamedTuple):
@@ -247,31 +257,6 @@ class StepPasses(NamedTuple):
   losses: jax.Array
   aux: Any
   examples: Optional[jax.Array] = None
-
-
-def _walk(tree: Any, attribute: str, into_multisteps: bool) -> list[tuple]:
-  """``(state, inside_multisteps)`` for every state declaring ``attribute``."""
-  found = []
-  is_node = _declares(attribute)
-
-  def walk(x, inside):
-    if isinstance(x, optax.MultiStepsState):
-      if into_multisteps:
-        for y in x:
-          walk(y, True)
-      return
-    if is_node(x):
-      found.append((x, inside))
-      return
-    if isinstance(x, (tuple, list)):
-      for y in x:
-        walk(y, inside)
-    elif isinstance(x, dict):
-      for y in x.values():
-        walk(y, inside)
-
-  walk(tree, False)
-  return found
 
 
 def _passes_state(opt_state: Any) -> tuple[Any, str, bool]:
