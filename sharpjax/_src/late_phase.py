@@ -204,8 +204,8 @@ def late_phase(
     elif full_step is False:
       new_updates, inner = early()
     else:
-      new_updates, inner = jax.lax.cond(state.count >= state.period, late,
-                                        early)
+      new_updates, inner = jax.lax.cond(
+          LatePhaseState.full_step_at(state.count, state.period), late, early)
     return new_updates, state._replace(
         count=optax.safe_increment(state.count), inner=inner)
 
