@@ -333,10 +333,11 @@ class MethodRunner:
           k = progress.step + len(pending)  # this step's 0-based number
           if profiler is not None:
             profiler.before(k)
-          if not self._compiled:
-            tc = time.perf_counter()
-            with jax.profiler.StepTraceAnnotation("train", step_num=k):
-              state, metrics = self.trainer.step(state, batch)
+          compiling = not self._compiled
+          tc = time.perf_counter() if compiling else 0.0
+          with jax.profiler.StepTraceAnnotation("train", step_num=k):
+            state, metrics = self.trainer.step(state, batch)
+          if compiling:
             jax.block_until_ready(metrics)
             self.compile_s = time.perf_counter() - tc
             if self.cost is None:  # the step just compiled: nothing runs
@@ -344,8 +345,6 @@ class MethodRunner:
             self._compiled = True
             t0 = time.perf_counter()
           else:
-            with jax.profiler.StepTraceAnnotation("train", step_num=k):
-              state, metrics = self.trainer.step(state, batch)
             timed += 1
           if profiler is not None:
             profiler.after(k, state)

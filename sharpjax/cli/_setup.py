@@ -97,17 +97,22 @@ def _digits(n: Optional[int], data_dir: Optional[str] = None):
   return data.Splits(train if n is None else train.subset(n), test)
 
 
-def _synthetic(n: Optional[int], data_dir: Optional[str] = None):
-  del data_dir
-  from sharpjax import data  # pylint: disable=g-import-not-at-top
-  n = 2000 if n is None else n
-  full = data.make_synthetic(n, input_shape=(40,), num_classes=10, noise=2.0)
-  n_train = int(0.8 * n)
-  return data.Splits(
-      data.ArrayDataset(full.x[:n_train], full.y[:n_train], 10,
-                        name="synthetic/train"),
-      data.ArrayDataset(full.x[n_train:], full.y[n_train:], 10,
-                        name="synthetic/test"))
+def _synthetic(name: str, default_n: int, input_shape: tuple[int, ...],
+               noise: float):
+  """Gaussian blobs, 10 classes: the first 80% train, the rest test."""
+  def load(n: Optional[int], data_dir: Optional[str] = None):
+    del data_dir
+    from sharpjax import data  # pylint: disable=g-import-not-at-top
+    n = default_n if n is None else n
+    full = data.make_synthetic(n, input_shape=input_shape, num_classes=10,
+                               noise=noise)
+    n_train = int(0.8 * n)
+    return data.Splits(
+        data.ArrayDataset(full.x[:n_train], full.y[:n_train], 10,
+                          name=f"{name}/train"),
+        data.ArrayDataset(full.x[n_train:], full.y[n_train:], 10,
+                          name=f"{name}/test"))
+  return load
 
 
 def _cifar(num_classes: int):
@@ -133,25 +138,12 @@ def _arrayrecord(n: Optional[int], data_dir: Optional[str] = None,
   return data.Splits(train if n is None else train.subset(n), test)
 
 
-def _synthetic_images(n: Optional[int], data_dir: Optional[str] = None):
-  del data_dir
-  from sharpjax import data  # pylint: disable=g-import-not-at-top
-  n = 320 if n is None else n
-  full = data.make_synthetic(n, input_shape=(32, 32, 3), num_classes=10,
-                             noise=3.0)
-  n_train = int(0.8 * n)
-  return data.Splits(
-      data.ArrayDataset(full.x[:n_train], full.y[:n_train], 10,
-                        name="synthetic_images/train"),
-      data.ArrayDataset(full.x[n_train:], full.y[n_train:], 10,
-                        name="synthetic_images/test"))
-
-
 DATA: dict[str, tuple[Callable[..., Any], str]] = {
     "mnist1d": (_mnist1d, "MNIST-1D, generated offline (default 5,000 "
                 "examples: 4,000 train / 1,000 test, 40 x 1 signals)"),
     "digits": (_digits, "scikit-learn's 8x8 digits (1,437 train / 360 test)"),
-    "synthetic": (_synthetic, "Gaussian blobs, 40 inputs, 10 classes (tests)"),
+    "synthetic": (_synthetic("synthetic", 2000, (40,), 2.0),
+                  "Gaussian blobs, 40 inputs, 10 classes (tests)"),
     "cifar10": (_cifar(10), "CIFAR-10 from --data-dir (50,000 / 10,000, "
                 "random crop + flip)"),
     "cifar100": (_cifar(100), "CIFAR-100 from --data-dir (50,000 / 10,000, "
@@ -160,8 +152,9 @@ DATA: dict[str, tuple[Callable[..., Any], str]] = {
                     "written by `sharpjax data convert`, read through grain "
                     "(random crop + flip for CIFAR, Inception crop + flip for "
                     "image folders)"),
-    "synthetic_images": (_synthetic_images, "Gaussian blobs as 32x32x3 "
-                         "images, 10 classes (runlocal, tests)"),
+    "synthetic_images": (_synthetic("synthetic_images", 320, (32, 32, 3), 3.0),
+                         "Gaussian blobs as 32x32x3 images, 10 classes "
+                         "(runlocal, tests)"),
 }
 
 

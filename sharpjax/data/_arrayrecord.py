@@ -126,9 +126,7 @@ def convert_cifar(src: str, dst: str, num_classes: int = 10, *,
     raise ValueError(f"num_classes must be 10 or 100, got {num_classes}.")
   dirs, train_files, test_files, key, _ = _sources._cifar_layouts(  # pylint: disable=protected-access
       src, num_classes)
-  folder = next((d for d in dirs if all(
-      os.path.exists(os.path.join(d, f)) for f in train_files + test_files)),
-                None)
+  folder = _sources._release_folder(dirs, train_files + test_files)  # pylint: disable=protected-access
   if folder is None:
     expected = [os.path.join(dirs[0], f) for f in train_files + test_files]
     raise FileNotFoundError(

@@ -195,9 +195,8 @@ def grain_source(spec: Any, *, split: str = "train", num_classes: int = 10):
   """
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-  if isinstance(spec, (ArraySource, ArrayRecordSource)) or (
-      hasattr(spec, "gather") and hasattr(spec, "__len__")):
-    return spec  # a source already (e.g. a converted split's RecordSource)
+  if hasattr(spec, "gather") and hasattr(spec, "__len__"):
+    return spec  # a source already (ours, or a converted split's RecordSource)
   if isinstance(spec, ArrayDataset):
     return ArraySource(spec.x, spec.y)
   if isinstance(spec, tuple) and len(spec) == 2:

@@ -283,6 +283,13 @@ def _cifar_layouts(root: str, num_classes: int):
   return dirs, train_files, test_files, key, npz
 
 
+def _release_folder(dirs: Sequence[str], files: Sequence[str]):
+  """The first of ``dirs`` holding all of the release's ``files``, or None."""
+  return next((d for d in dirs
+               if all(os.path.exists(os.path.join(d, f)) for f in files)),
+              None)
+
+
 class RefusedPickle(pickle.UnpicklingError):
   """A file holds what CIFAR's python-pickle release never does."""
 
@@ -501,13 +508,11 @@ def load_cifar(
     raise ValueError(f"num_classes must be 10 or 100, got {num_classes}.")
   dirs, train_files, test_files, key, npz = _cifar_layouts(root, num_classes)
   arrays = where = None
-  for folder in dirs:
-    if all(os.path.exists(os.path.join(folder, f))
-           for f in train_files + test_files):
-      x_train, y_train = _read_pickles(folder, train_files, key)
-      x_test, y_test = _read_pickles(folder, test_files, key)
-      arrays, where = (x_train, y_train, x_test, y_test), folder
-      break
+  folder = _release_folder(dirs, train_files + test_files)
+  if folder is not None:
+    x_train, y_train = _read_pickles(folder, train_files, key)
+    x_test, y_test = _read_pickles(folder, test_files, key)
+    arrays, where = (x_train, y_train, x_test, y_test), folder
   if arrays is None:
     for path in npz:
       if os.path.exists(path):
