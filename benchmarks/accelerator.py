@@ -98,11 +98,7 @@ def rows_for(names) -> tuple[dict, list]:
              if not m.trainer_skip and (names is None or m.name in names)]
   rank = {name: i for i, name in enumerate(PRIORITY)}
   methods.sort(key=lambda m: rank.get(m.name, len(rank)))  # stable
-  widths = sorted({m.num_classes for m in methods} | {10})
-  baselines = {
-      w: overhead.Method("sgd" if w == 10 else f"sgd ({w} classes)",
-                         overhead._sgd, kind="plain", num_classes=w)  # pylint: disable=protected-access
-      for w in widths}
+  baselines = overhead.sgd_baselines(methods)
   return baselines, list(baselines.values()) + [
       m for m in methods if m.name != "sgd"]
 
@@ -124,9 +120,7 @@ def run_config(model: str, dtype: str, names, args, share_s: float,
                                   models_table=models_table))
     print(f"  {model} {dtype} {m.name}: compiled and warmed up in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-  baseline_of = {r.method.name: next(
-      b for b in runners if b.method is baselines[r.method.num_classes])
-                 for r in runners}
+  baseline_of = overhead.pair_with_baselines(runners, baselines)
   repeats = 0
   while repeats < args.repeats:
     t0 = time.perf_counter()
