@@ -51,7 +51,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp  # pylint: disable=unused-import
 import numpy as np
 import optax
 from sharpjax import models
