@@ -82,12 +82,6 @@ SMOKE_MODELS = {
 }
 
 
-def device_slug(device_kind: str) -> str:
-  """``NVIDIA H200`` -> ``nvidia-h200``: the device part of a file name."""
-  return "".join(c if c.isalnum() else "-"
-                 for c in device_kind.lower()).strip("-") or "unknown"
-
-
 def rows_for(names) -> tuple[dict, list]:
   """The SGD baseline of each classifier width, then the methods asked for.
 
@@ -247,7 +241,7 @@ def main(argv=None):
   print(text)
   args.out.mkdir(parents=True, exist_ok=True)
   stem = ("accelerator-smoke-" if args.smoke else "accelerator-") + \
-      device_slug(device)
+      overhead.device_slug(device)
   (args.out / f"{stem}.json").write_text(
       json.dumps(dict(meta=meta, tables=tables), indent=2) + "\n")
   (args.out / f"{stem}.md").write_text(text + "\n")

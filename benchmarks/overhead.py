@@ -577,9 +577,14 @@ def results_stem(model: str, dtype: str, trainer: bool, backend: str,
   if trainer:
     parts.append("trainer")
   if backend != "cpu":
-    parts.append("".join(c if c.isalnum() else "-"
-                         for c in device.lower()).strip("-"))
+    parts.append(device_slug(device))
   return "-".join(parts)
+
+
+def device_slug(device_kind: str) -> str:
+  """``NVIDIA H200`` -> ``nvidia-h200``: the device part of a file name."""
+  return "".join(c if c.isalnum() else "-"
+                 for c in device_kind.lower()).strip("-") or "unknown"
 
 
 def markdown(results, meta) -> str:
