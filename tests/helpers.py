@@ -280,3 +280,12 @@ def compiled_convolutions(tx, params, batch, loss_fn=conv_loss):
   text = jax.jit(step).lower(params, tx.init(params), batch).compile(
       ).as_text()
   return re.findall(r"(\w+\[[\d,]*\])\{[^}]*\} convolution\(", text)
+
+
+def program_flops(trainer, state, placed, full_step: bool) -> float:
+  """XLA's FLOP count of one of a host-scheduled trainer's two programs,
+  compiled optimized as ``Trainer.step_cost`` compiles them."""
+  from sharpjax import training  # pylint: disable=g-import-not-at-top
+  with training._trainer._optimized():  # pylint: disable=protected-access
+    compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
+  return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access

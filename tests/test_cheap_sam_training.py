@@ -16,6 +16,7 @@ import sharpjax as sj
 from sharpjax import data
 from sharpjax import models
 from sharpjax import training
+from tests import helpers
 
 NUM_CLASSES = 5
 
@@ -184,12 +185,8 @@ def test_step_cost_averages_late_sam_over_the_run():
   state = trainer.init(_key(), batch)
   placed = trainer.shard_batch(batch)
 
-  def program(full_step):
-    with training._trainer._optimized():  # pylint: disable=protected-access
-      compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
-    return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access
-
-  late, early = program(True), program(False)
+  late, early = (helpers.program_flops(trainer, state, placed, full_step)
+                 for full_step in (True, False))
   assert late > 1.5 * early
   np.testing.assert_allclose(trainer.step_cost(state, batch)["flops"],
                              0.25 * late + 0.75 * early, rtol=1e-6)

@@ -21,6 +21,7 @@ from sharpjax import training
 from sharpjax._src import ausam as ausam_lib
 from sharpjax._src import base
 from sharpjax.cli import _methods
+from tests import helpers
 
 NUM_CLASSES = 3
 
@@ -506,12 +507,8 @@ def test_step_cost_averages_a_host_scheduled_method_over_its_period():
   cost = trainer.step_cost(state, batch)
   placed = trainer.shard_batch(batch)
 
-  def program(full_step):
-    with training._trainer._optimized():  # pylint: disable=protected-access
-      compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
-    return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access
-
-  full, skip = program(True), program(False)
+  full, skip = (helpers.program_flops(trainer, state, placed, full_step)
+                for full_step in (True, False))
   assert full > 1.5 * skip
   np.testing.assert_allclose(cost["flops"], (full + (k - 1) * skip) / k,
                              rtol=1e-6)
