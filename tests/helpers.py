@@ -289,3 +289,20 @@ def program_flops(trainer, state, placed, full_step: bool) -> float:
   with training._trainer._optimized():  # pylint: disable=protected-access
     compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
   return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access
+
+
+def own_loop_step(tx, loss_fn):
+  """A jitted step of ``tx`` in one's own loop, as the docs write it: the mean
+  gradient of ``loss_fn(params, batch)`` (per-example losses), then
+  ``tx.update`` with ``loss_fn=`` and ``batch=``.
+
+  Returns ``step(params, opt_state, batch) -> (params, opt_state)``.
+  """
+  @jax.jit
+  def step(params, opt_state, batch):
+    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
+                                   batch=batch)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step

@@ -125,15 +125,9 @@ def test_late_sam_switches_on_the_host():
   params, opt_state = jax.tree.map(np.array, state.params), tx.init(
       state.params)
 
-  @jax.jit
-  def cond_step(params, opt_state, batch):
-    def losses(p, b):
-      return optax.softmax_cross_entropy_with_integer_labels(
-          model.apply({"params": p}, b["x"]), b["y"])
-    grads = jax.grad(lambda p: losses(p, batch).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=losses,
-                                   batch=batch)
-    return optax.apply_updates(params, updates), opt_state
+  cond_step = helpers.own_loop_step(
+      tx, lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+          model.apply({"params": p}, b["x"]), b["y"]))
 
   measured = []
   for k in range(4):

@@ -351,14 +351,8 @@ def test_own_passes_give_the_update_a_clean_gradient_gave(name):
   def loss_fn(p, b):
     return _ce(model.apply({"params": p}, b["x"]), b["y"])
 
-  @jax.jit
-  def manual(params, opt_state):
-    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
-                                   batch=batch)
-    return optax.apply_updates(params, updates), opt_state
-
-  expected, expected_opt = manual(p0, tx.init(p0))
+  expected, expected_opt = helpers.own_loop_step(tx, loss_fn)(
+      p0, tx.init(p0), batch)
   mesh = training.make_trainer(model, tx, mesh=jax.make_mesh((8,), ("data",)))
   for t in (trainer, mesh):
     new_state = t.step(t.init(_key(), batch), batch)[0]
