@@ -98,6 +98,11 @@ def train_step(tx, params, opt_state, batch):
 # ---------------------------------------------------------------------------
 
 
+def taken(g):
+  """A gradient as the pass record update's point_passes= holds."""
+  return sj.PerturbedPass(None, g, None, None)
+
+
 def unit(v):
   """``v / |v|``, and 0 for a zero vector (numpy)."""
   n = np.linalg.norm(v)
