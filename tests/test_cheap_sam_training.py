@@ -7,7 +7,6 @@ device; late-phase SAM's two programs chosen on the host.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
