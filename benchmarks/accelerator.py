@@ -51,7 +51,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp  # pylint: disable=unused-import
 import numpy as np
 import optax
 from sharpjax import models
@@ -83,12 +82,6 @@ SMOKE_MODELS = {
 }
 
 
-def device_slug(device_kind: str) -> str:
-  """``NVIDIA H200`` -> ``nvidia-h200``: the device part of a file name."""
-  return "".join(c if c.isalnum() else "-"
-                 for c in device_kind.lower()).strip("-") or "unknown"
-
-
 def rows_for(names) -> tuple[dict, list]:
   """The SGD baseline of each classifier width, then the methods asked for.
 
@@ -98,11 +91,7 @@ def rows_for(names) -> tuple[dict, list]:
              if not m.trainer_skip and (names is None or m.name in names)]
   rank = {name: i for i, name in enumerate(PRIORITY)}
   methods.sort(key=lambda m: rank.get(m.name, len(rank)))  # stable
-  widths = sorted({m.num_classes for m in methods} | {10})
-  baselines = {
-      w: overhead.Method("sgd" if w == 10 else f"sgd ({w} classes)",
-                         overhead._sgd, kind="plain", num_classes=w)  # pylint: disable=protected-access
-      for w in widths}
+  baselines = overhead.sgd_baselines(methods)
   return baselines, list(baselines.values()) + [
       m for m in methods if m.name != "sgd"]
 
@@ -124,9 +113,7 @@ def run_config(model: str, dtype: str, names, args, share_s: float,
                                   models_table=models_table))
     print(f"  {model} {dtype} {m.name}: compiled and warmed up in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-  baseline_of = {r.method.name: next(
-      b for b in runners if b.method is baselines[r.method.num_classes])
-                 for r in runners}
+  baseline_of = overhead.pair_with_baselines(runners, baselines)
   repeats = 0
   while repeats < args.repeats:
     t0 = time.perf_counter()
@@ -254,7 +241,7 @@ def main(argv=None):
   print(text)
   args.out.mkdir(parents=True, exist_ok=True)
   stem = ("accelerator-smoke-" if args.smoke else "accelerator-") + \
-      device_slug(device)
+      overhead.device_slug(device)
   (args.out / f"{stem}.json").write_text(
       json.dumps(dict(meta=meta, tables=tables), indent=2) + "\n")
   (args.out / f"{stem}.md").write_text(text + "\n")

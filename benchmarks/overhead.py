@@ -446,11 +446,7 @@ def main(argv=None):
     if unknown:
       parser.error(f"unknown methods {unknown}; known: {sorted(known)}")
     methods = [m for m in METHODS if m.name in args.methods]
-  # Each classifier width needs its own SGD baseline.
-  widths = sorted({m.num_classes for m in methods} | {10})
-  baselines = {
-      w: Method("sgd" if w == 10 else f"sgd ({w} classes)", _sgd, kind="plain",
-                num_classes=w) for w in widths}
+  baselines = sgd_baselines(methods)
   rows = list(baselines.values()) + [m for m in methods if m.name != "sgd"]
   if args.trainer:
     rows.insert(1, HAND_WRITTEN_SGD)
@@ -469,9 +465,7 @@ def main(argv=None):
                          args.batch))
     print(f"  {m.name}: compiled and warmed up in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-  baseline_of = {runner.method.name: next(
-      b for b in runners if b.method is baselines[runner.method.num_classes])
-                 for runner in runners}
+  baseline_of = pair_with_baselines(runners, baselines)
   for r in range(args.repeats):
     time_windows(runners, baseline_of, args.steps)
     print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
@@ -528,6 +522,23 @@ def flops_columns(cost: dict | None, baseline: dict | None) -> dict:
                   "bytes_accessed"))
 
 
+def sgd_baselines(methods) -> dict[int, Method]:
+  """One SGD baseline per classifier width of ``methods`` (and of 10)."""
+  # Each classifier width needs its own SGD baseline.
+  widths = sorted({m.num_classes for m in methods} | {10})
+  return {
+      w: Method("sgd" if w == 10 else f"sgd ({w} classes)", _sgd, kind="plain",
+                num_classes=w) for w in widths}
+
+
+def pair_with_baselines(runners: list[Runner],
+                        baselines: dict[int, Method]) -> dict[str, Runner]:
+  """``{method name: the runner of the SGD baseline of its width}``."""
+  return {runner.method.name: next(
+      b for b in runners if b.method is baselines[runner.method.num_classes])
+          for runner in runners}
+
+
 def time_windows(runners: list[Runner], baseline_of: dict[str, Runner],
                  steps: int) -> None:
   """One repeat: a window of every method, each after its baseline's window.
@@ -566,9 +577,14 @@ def results_stem(model: str, dtype: str, trainer: bool, backend: str,
   if trainer:
     parts.append("trainer")
   if backend != "cpu":
-    parts.append("".join(c if c.isalnum() else "-"
-                         for c in device.lower()).strip("-"))
+    parts.append(device_slug(device))
   return "-".join(parts)
+
+
+def device_slug(device_kind: str) -> str:
+  """``NVIDIA H200`` -> ``nvidia-h200``: the device part of a file name."""
+  return "".join(c if c.isalnum() else "-"
+                 for c in device_kind.lower()).strip("-") or "unknown"
 
 
 def markdown(results, meta) -> str:

@@ -21,7 +21,7 @@ the parallel speed-up a GPU pair or a pod gives: run it there for that.
 Each method is timed in windows, each right after a window of SGD, the
 methods interleaved; the ratio is the median over windows of the method's
 time over its SGD window's. Also reported: the XLA FLOP count of one compiled
-step (``Trainer.step_cost`` when it exists), per device.
+step (``Trainer.step_cost``), per device.
 
     python benchmarks/sampa_pair.py                  # 4 host devices
     python benchmarks/sampa_pair.py --devices 8 --batch 256
@@ -110,9 +110,7 @@ def main(argv=None):
                                     validate=False)
     state = trainer.init(jax.random.PRNGKey(0), batch)
     placed = trainer.shard_batch(batch)
-    flops = None
-    if hasattr(trainer, "step_cost"):
-      flops = float(trainer.step_cost(state, placed)["flops"])
+    flops = float(trainer.step_cost(state, placed)["flops"])
     start = time.perf_counter()
     for _ in range(3):  # compile and warm up
       state, _ = trainer.step(state, placed)
@@ -150,8 +148,7 @@ def main(argv=None):
         ratio_to_sgd=float(np.median(ratios)),
         ratio_iqr=[float(np.percentile(ratios, 25)),
                    float(np.percentile(ratios, 75))],
-        flops_ratio=(None if r["flops"] is None or base["flops"] is None
-                     else r["flops"] / base["flops"])))
+        flops_ratio=r["flops"] / base["flops"]))
   meta = dict(
       devices=n, device_kind=devices[0].device_kind,
       platform=devices[0].platform, global_batch=args.batch,
@@ -170,12 +167,10 @@ def main(argv=None):
       "|---|---|---:|---:|---:|---:|"]
   for row in out:
     mesh = " x ".join(f"{k} {v}" for k, v in row["mesh"].items())
-    flops = ("" if row["flops_ratio"] is None
-             else f"{row['flops_ratio']:.2f}x")
     lines.append(
         f"| {row['method']} | {mesh} | {row['ms_per_step']:.2f} | "
         f"{row['ratio_to_sgd']:.2f}x | {row['ratio_iqr'][0]:.2f}-"
-        f"{row['ratio_iqr'][1]:.2f} | {flops} |")
+        f"{row['ratio_iqr'][1]:.2f} | {row['flops_ratio']:.2f}x |")
   text = "\n".join(lines)
   print(text)
   args.out.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,11 @@ def train_step(tx, params, opt_state, batch):
 # ---------------------------------------------------------------------------
 
 
+def taken(g):
+  """A gradient as the pass record update's point_passes= holds."""
+  return sj.PerturbedPass(None, g, None, None)
+
+
 def unit(v):
   """``v / |v|``, and 0 for a zero vector (numpy)."""
   n = np.linalg.norm(v)
@@ -280,3 +285,29 @@ def compiled_convolutions(tx, params, batch, loss_fn=conv_loss):
   text = jax.jit(step).lower(params, tx.init(params), batch).compile(
       ).as_text()
   return re.findall(r"(\w+\[[\d,]*\])\{[^}]*\} convolution\(", text)
+
+
+def program_flops(trainer, state, placed, full_step: bool) -> float:
+  """XLA's FLOP count of one of a host-scheduled trainer's two programs,
+  compiled optimized as ``Trainer.step_cost`` compiles them."""
+  from sharpjax import training  # pylint: disable=g-import-not-at-top
+  with training._trainer._optimized():  # pylint: disable=protected-access
+    compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
+  return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access
+
+
+def own_loop_step(tx, loss_fn):
+  """A jitted step of ``tx`` in one's own loop, as the docs write it: the mean
+  gradient of ``loss_fn(params, batch)`` (per-example losses), then
+  ``tx.update`` with ``loss_fn=`` and ``batch=``.
+
+  Returns ``step(params, opt_state, batch) -> (params, opt_state)``.
+  """
+  @jax.jit
+  def step(params, opt_state, batch):
+    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
+                                   batch=batch)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step

@@ -7,7 +7,6 @@ device; late-phase SAM's two programs chosen on the host.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -16,6 +15,7 @@ import sharpjax as sj
 from sharpjax import data
 from sharpjax import models
 from sharpjax import training
+from tests import helpers
 
 NUM_CLASSES = 5
 
@@ -124,15 +124,9 @@ def test_late_sam_switches_on_the_host():
   params, opt_state = jax.tree.map(np.array, state.params), tx.init(
       state.params)
 
-  @jax.jit
-  def cond_step(params, opt_state, batch):
-    def losses(p, b):
-      return optax.softmax_cross_entropy_with_integer_labels(
-          model.apply({"params": p}, b["x"]), b["y"])
-    grads = jax.grad(lambda p: losses(p, batch).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=losses,
-                                   batch=batch)
-    return optax.apply_updates(params, updates), opt_state
+  cond_step = helpers.own_loop_step(
+      tx, lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+          model.apply({"params": p}, b["x"]), b["y"]))
 
   measured = []
   for k in range(4):
@@ -184,12 +178,8 @@ def test_step_cost_averages_late_sam_over_the_run():
   state = trainer.init(_key(), batch)
   placed = trainer.shard_batch(batch)
 
-  def program(full_step):
-    with training._trainer._optimized():  # pylint: disable=protected-access
-      compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
-    return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access
-
-  late, early = program(True), program(False)
+  late, early = (helpers.program_flops(trainer, state, placed, full_step)
+                 for full_step in (True, False))
   assert late > 1.5 * early
   np.testing.assert_allclose(trainer.step_cost(state, batch)["flops"],
                              0.25 * late + 0.75 * early, rtol=1e-6)

@@ -386,19 +386,26 @@ def test_checkpoint_reshards_a_mesa_state_and_continues(tmp_path):
                                 jax.random.uniform(keyed["rng"]))
 
 
+def _launch_script(tmp_path, name, source, timeout_s):
+  """``source``, written to ``tmp_path / name``, run by the launcher as 2
+  processes of 1 device each with ``--timeout timeout_s``."""
+  script = tmp_path / name
+  script.write_text(source)
+  cmd = [sys.executable, "-m", "sharpjax.launch", "-n", "2", "-d", "1",
+         "--timeout", str(timeout_s), "--", str(script)]
+  return subprocess.run(cmd, cwd=tmp_path, env=_env(1, str(tmp_path / "c")),
+                        capture_output=True, text=True, timeout=LIMIT)
+
+
 def test_launcher_timeout_stops_a_hanging_run(tmp_path):
   """A process that never finishes: the launcher's --timeout kills every
   process still running and returns 124."""
-  script = tmp_path / "sleepy.py"
-  script.write_text(
+  proc = _launch_script(
+      tmp_path, "sleepy.py",
       "import time, jax\n"
       "print('up', jax.process_index(), jax.process_count(), flush=True)\n"
       "if jax.process_index() == 1:\n"
-      "  time.sleep(600)\n")
-  cmd = [sys.executable, "-m", "sharpjax.launch", "-n", "2", "-d", "1",
-         "--timeout", "15", "--", str(script)]
-  proc = subprocess.run(cmd, cwd=tmp_path, env=_env(1, str(tmp_path / "c")),
-                        capture_output=True, text=True, timeout=LIMIT)
+      "  time.sleep(600)\n", timeout_s=15)
   log = proc.stdout + proc.stderr
   assert proc.returncode == 124, log
   assert "[0] up 0 2" in log and "[1] up 1 2" in log, log
@@ -411,17 +418,13 @@ def test_launcher_output_is_one_line_per_message(tmp_path):
   pieces on stdout is not split by a line on stderr written in between (as
   the runtime's gloo lines were, into print()'s text and its newline), and
   every line carries its process's prefix."""
-  script = tmp_path / "pieces.py"
-  script.write_text(
+  proc = _launch_script(
+      tmp_path, "pieces.py",
       "import os, sys\n"
       "sys.stdout.write('first half, '); sys.stdout.flush()\n"
       "os.write(2, b'[Gloo] a line of the runtime\\n')\n"
       "print('second half')\n"
-      "print('x' * 5000)\n")
-  cmd = [sys.executable, "-m", "sharpjax.launch", "-n", "2", "-d", "1",
-         "--timeout", "120", "--", str(script)]
-  proc = subprocess.run(cmd, cwd=tmp_path, env=_env(1, str(tmp_path / "c")),
-                        capture_output=True, text=True, timeout=LIMIT)
+      "print('x' * 5000)\n", timeout_s=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   lines = proc.stdout.splitlines()
   for i in (0, 1):

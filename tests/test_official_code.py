@@ -23,10 +23,6 @@ Q = helpers.QUADRATIC_3
 RHO, LR, WD, STEPS = 0.3, 0.1, 0.2, 4
 
 
-def unit(v):
-  return v / np.linalg.norm(v)
-
-
 def decay_reference(placement):
   """Plain SGD on the SAM directions of each weight-decay placement."""
   w = Q.w0.copy()
@@ -34,13 +30,13 @@ def decay_reference(placement):
   for _ in range(STEPS):
     g = Q.a @ (w - cbar)
     if placement == "loss":  # L + WD/2 |w|^2: both passes see the decay.
-      eps = RHO * unit(g + WD * w)
+      eps = RHO * helpers.unit(g + WD * w)
       d = Q.a @ (w + eps - cbar) + WD * (w + eps)
     elif placement == "before":  # only the perturbation sees it.
-      eps = RHO * unit(g + WD * w)
+      eps = RHO * helpers.unit(g + WD * w)
       d = Q.a @ (w + eps - cbar)
     else:  # "after": the update sees it, at the clean weights.
-      eps = RHO * unit(g)
+      eps = RHO * helpers.unit(g)
       d = Q.a @ (w + eps - cbar) + WD * w
     w = w - LR * d
   return w

@@ -155,16 +155,11 @@ def test_scaling_guide_own_loop_blocks_run_and_agree():
   batch = {"x": jnp.asarray(namespace["x"]), "y": jnp.asarray(namespace["y"])}
   loss_fn = namespace["loss_fn"]
 
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
-    updates, state = single.update(grads, state, params, loss_fn=loss_fn,
-                                   batch=batch)
-    return optax.apply_updates(params, updates), state
+  step = helpers.own_loop_step(single, loss_fn)
 
   params = {"w": jnp.zeros((10, 2)), "b": jnp.zeros(2)}
   state = single.init(params)
   for _ in range(20):
-    params, state = step(params, state)
+    params, state = step(params, state, batch)
   chex.assert_trees_all_close(namespace["params"], params, atol=1e-5)
   chex.assert_trees_all_close(namespace["pmap_params"], params, atol=1e-5)

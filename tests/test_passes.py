@@ -21,6 +21,7 @@ from sharpjax import training
 from sharpjax._src import ausam as ausam_lib
 from sharpjax._src import base
 from sharpjax.cli import _methods
+from tests import helpers
 
 NUM_CLASSES = 3
 
@@ -350,14 +351,8 @@ def test_own_passes_give_the_update_a_clean_gradient_gave(name):
   def loss_fn(p, b):
     return _ce(model.apply({"params": p}, b["x"]), b["y"])
 
-  @jax.jit
-  def manual(params, opt_state):
-    grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
-                                   batch=batch)
-    return optax.apply_updates(params, updates), opt_state
-
-  expected, expected_opt = manual(p0, tx.init(p0))
+  expected, expected_opt = helpers.own_loop_step(tx, loss_fn)(
+      p0, tx.init(p0), batch)
   mesh = training.make_trainer(model, tx, mesh=jax.make_mesh((8,), ("data",)))
   for t in (trainer, mesh):
     new_state = t.step(t.init(_key(), batch), batch)[0]
@@ -506,12 +501,8 @@ def test_step_cost_averages_a_host_scheduled_method_over_its_period():
   cost = trainer.step_cost(state, batch)
   placed = trainer.shard_batch(batch)
 
-  def program(full_step):
-    with training._trainer._optimized():  # pylint: disable=protected-access
-      compiled = trainer._step.lower(state, placed, full_step).compile()  # pylint: disable=protected-access
-    return training._trainer._cost_of(compiled)["flops"]  # pylint: disable=protected-access
-
-  full, skip = program(True), program(False)
+  full, skip = (helpers.program_flops(trainer, state, placed, full_step)
+                for full_step in (True, False))
   assert full > 1.5 * skip
   np.testing.assert_allclose(cost["flops"], (full + (k - 1) * skip) / k,
                              rtol=1e-6)

@@ -13,11 +13,7 @@ import sharpjax as sj
 from tests import helpers
 
 Q = helpers.QUADRATIC_4
-
-
-def taken(g):
-  """A gradient as the pass record update's point_passes= holds."""
-  return sj.PerturbedPass(None, g, None, None)
+taken = helpers.taken
 
 
 def paper_rule(lr_fn, rho, lam, steps):

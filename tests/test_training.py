@@ -18,6 +18,7 @@ import sharpjax as sj
 from sharpjax import data
 from sharpjax import models
 from sharpjax import training
+from tests import helpers
 
 NUM_CLASSES = 5
 
@@ -600,14 +601,8 @@ def test_looksam_branch_is_chosen_on_the_host():
   tx = optax.chain(sj.looksam(0.05, k=3), optax.sgd(0.1))
   params, opt_state = _copy(state.params), tx.init(state.params)
 
-  @jax.jit
-  def cond_step(params, opt_state, batch):
-    def losses(p, b):
-      return _ce(model.apply({"params": p}, b["x"]), b["y"])
-    grads = jax.grad(lambda p: losses(p, batch).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=losses,
-                                   batch=batch)
-    return optax.apply_updates(params, updates), opt_state
+  cond_step = helpers.own_loop_step(
+      tx, lambda p, b: _ce(model.apply({"params": p}, b["x"]), b["y"]))
 
   measured = []
   for k in range(4):
